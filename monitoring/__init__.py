@@ -1,0 +1,1 @@
+"""Prometheus metrics, drift detection (river), the live dashboard, Grafana/Prometheus provisioning."""

@@ -1,0 +1,1 @@
+"""Replay of datasets and scenarios into the samples (and labels) topics."""
