@@ -1,0 +1,88 @@
+"""The active policy, kept in Redis so every worker switches at its next batch boundary (hot swap).
+
+``use`` first builds the policy (a bad parameter raises and leaves the current one serving), then
+writes name, settings, cost model and a new version number in one MULTI. Workers read the small
+``active`` hash once per batch and rebuild only when the version changed. Learned state is kept per
+namespace (name + parameter hash), so A → B → A resumes A where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from stream.costs import CostModel, preset
+from stream.errors import ConfigError
+
+from policies.base import Policy
+from policies.registry import build
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveSpec:
+    """What `exitflow policy use` wrote: a policy name, its settings and the cost model, with a version."""
+
+    name: str
+    params: dict[str, Any]
+    cost: str = "splitee"
+    cost_overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    version: int = 0
+
+    def cost_model(self) -> CostModel:
+        return preset(self.cost, **self.cost_overrides)
+
+    def build(self, num_layers: int, num_classes: int) -> Policy:
+        return build(self.name, self.params, cost=self.cost_model(), num_layers=num_layers,
+                     num_classes=num_classes, live=True)
+
+
+class PolicyControl:
+    """Reads and changes the active policy of one exitflow deployment (a Redis key prefix)."""
+
+    def __init__(self, redis, prefix: str = "exitflow:") -> None:
+        self.redis = redis
+        self.key = prefix + "active"
+        self.prefix = prefix
+
+    def current(self) -> ActiveSpec | None:
+        raw = self.redis.hgetall(self.key)
+        if not raw:
+            return None
+        raw = {k.decode(): v.decode() for k, v in raw.items()}
+        return ActiveSpec(raw["name"], json.loads(raw.get("params", "{}")), raw.get("cost", "splitee"),
+                          json.loads(raw.get("cost_overrides", "{}")), int(raw.get("version", 0)))
+
+    def version(self) -> int:
+        return int(self.redis.hget(self.key, "version") or 0)
+
+    def use(self, name: str, params: dict[str, Any] | None = None, *, cost: str = "splitee",
+            cost_overrides: dict[str, float] | None = None, num_layers: int = 6,
+            num_classes: int = 2) -> ActiveSpec:
+        """Validate by building, then make it active for every worker; returns the new spec."""
+        spec = ActiveSpec(name, dict(params or {}), cost, dict(cost_overrides or {}))
+        spec.build(num_layers, num_classes)  # raises ConfigError, the current policy keeps serving
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key, mapping={"name": name, "params": json.dumps(spec.params, sort_keys=True),
+                                     "cost": cost, "cost_overrides": json.dumps(spec.cost_overrides)})
+        pipe.hincrby(self.key, "version", 1)
+        _, version = pipe.execute()
+        return dataclasses.replace(spec, version=int(version))
+
+    def ensure(self, default: ActiveSpec, num_layers: int, num_classes: int) -> ActiveSpec:
+        """The active spec, making ``default`` active first if none is set yet."""
+        current = self.current()
+        if current is not None:
+            return current
+        return self.use(default.name, default.params, cost=default.cost, cost_overrides=default.cost_overrides,
+                        num_layers=num_layers, num_classes=num_classes)
+
+    def reset(self, namespace: str) -> int:
+        """Forget the learned state of one policy namespace (``name:hash``); returns keys deleted."""
+        if ":" not in namespace:
+            raise ConfigError(f"reset expects a namespace name:hash (see `exitflow policy show`), got {namespace!r}")
+        return int(self.redis.delete(f"{self.prefix}state:{namespace}"))
+
+    def namespaces(self) -> list[str]:
+        start = len(self.prefix + "state:")
+        return sorted(k.decode()[start:] for k in self.redis.scan_iter(match=self.prefix + "state:*"))
