@@ -41,6 +41,7 @@ class DeviceOutcome:
     action: Exit | Offload
     trace: Trace
     context: dict[str, Any]
+    delta: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the decision stage learned
 
     @property
     def offloaded(self) -> bool:
@@ -89,8 +90,9 @@ def run_device(policy: Policy, state: StateView, observations: list[Observation]
             tier = "device" if isinstance(action, Exit) else action.tier
             trace = Trace(device_layers=obs.layer, device_exits=exits_run[i], tier=tier)
             outcome = DeviceOutcome(obs, action, trace, policy.context(obs, action))
+            outcome.delta = policy.learn(Event("decision", obs.sample_id, outcome.context, trace, obs), state)
+            state.add(outcome.delta)
             outcomes[i] = outcome
-            state.add(policy.learn(Event("decision", obs.sample_id, outcome.context, trace, obs), state))
         for (from_layer, to_layer, mode), indices in groups.items():
             for i, probs in zip(indices, runner(indices, from_layer, to_layer, mode)):
                 observations[i].probs.update(probs)
