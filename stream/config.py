@@ -72,3 +72,35 @@ class Topics:
 
     def all(self) -> list[str]:
         return [self.name(t) for t in TOPIC_NAMES]
+
+
+def add_connection_args(parser, redis: bool = True, kafka: bool = True) -> None:
+    """--bootstrap / --redis-url / --prefix, defaulting to $EXITFLOW_BOOTSTRAP / $EXITFLOW_REDIS_URL.
+
+    Secrets stay out of the command line (and so out of logs and `ps`): a Redis password comes from
+    $EXITFLOW_REDIS_URL, $EXITFLOW_REDIS_PASSWORD or --redis-url-file.
+    """
+    if kafka:
+        parser.add_argument("--bootstrap", default=os.environ.get("EXITFLOW_BOOTSTRAP", "127.0.0.1:9092"),
+                            help="Kafka bootstrap servers (env EXITFLOW_BOOTSTRAP)")
+        parser.add_argument("--prefix", default=os.environ.get("EXITFLOW_TOPIC_PREFIX", "exitflow."),
+                            help="topic name prefix")
+    if redis:
+        parser.add_argument("--redis-url", default=None,
+                            help="Redis URL without a password (env EXITFLOW_REDIS_URL; default redis://127.0.0.1:6379/0)")
+        parser.add_argument("--redis-url-file", type=Path, default=None,
+                            help="read the Redis URL (may hold a password) from this file")
+        parser.add_argument("--redis-prefix", default="exitflow:", help="key prefix of exitflow's Redis keys")
+
+
+def redis_url(args) -> str:
+    """The Redis URL from --redis-url-file, --redis-url, $EXITFLOW_REDIS_URL, plus $EXITFLOW_REDIS_PASSWORD."""
+    if getattr(args, "redis_url_file", None):
+        url = Path(args.redis_url_file).read_text().strip()
+    else:
+        url = args.redis_url or os.environ.get("EXITFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
+    password = os.environ.get("EXITFLOW_REDIS_PASSWORD")
+    if password and "@" not in url:
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme}://:{password}@{rest}"
+    return url

@@ -1,0 +1,93 @@
+"""`exitflow worker device|edge|cloud` and `exitflow demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from stream.config import add_connection_args, default_model_dir, redis_url
+
+log = logging.getLogger(__name__)
+
+
+def add_policy_args(p) -> None:
+    p.add_argument("--policy", default="static-maxprob",
+                   help="policy to make active if none is yet (see `exitflow policy list`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="policy parameter (repeatable)")
+    p.add_argument("--cost-model", default="splitee", choices=("splitee", "dimee"), help="cost model preset")
+    p.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a cost-model field, e.g. offload_cloud=3 (repeatable)")
+
+
+def policy_spec(args):
+    from policies.control import ActiveSpec
+    from policies.registry import parse_sets
+    return ActiveSpec(args.policy, parse_sets(args.set), args.cost_model,
+                      {k: float(v) for k, v in parse_sets(args.cost).items()})
+
+
+def register(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser(
+        "worker", formatter_class=fmt, help="run a stage worker: device, edge or cloud",
+        description="The device worker consumes samples (and feedback), runs the layers the active policy asks "
+        "for, exits or offloads the float16 hidden state; the edge/cloud workers resume from it and publish the "
+        "result and the policy's feedback. Offsets are committed only after the result and the state it changed "
+        "are durable.")
+    p.add_argument("stage", choices=("device", "edge", "cloud"))
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
+    p.add_argument("--batch-size", type=int, default=32, help="records per poll and per model batch")
+    p.add_argument("--max-len", type=int, default=128, help="truncate inputs to this many tokens")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one process per core is fastest)")
+    p.add_argument("--group", help="consumer group (default: <prefix><stage>)")
+    p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without records")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    add_policy_args(p)
+    add_connection_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    from consumers.demo import register_demo
+    register_demo(subparsers)
+
+
+def load_model(path: Path | None, threads: int):
+    import torch
+
+    from stream.model import MultiExitModel
+    torch.set_num_threads(max(1, threads))
+    return MultiExitModel.load(path or default_model_dir())
+
+
+def stage_metrics(stage: str, port: int | None, host: str):
+    """The stage's Prometheus metrics, served on ``port`` when given (None if monitoring is absent)."""
+    try:
+        from monitoring.metrics import StageMetrics, serve
+    except ImportError:
+        return None
+    metrics = StageMetrics(stage)
+    if port is not None:
+        serve(metrics.registry, port, host)
+    return metrics
+
+
+def cmd_worker(args) -> int:
+    from consumers.worker import WorkerConfig
+
+    config = WorkerConfig(bootstrap=args.bootstrap, redis_url=redis_url(args), topic_prefix=args.prefix,
+                          redis_prefix=args.redis_prefix, group=args.group, batch_size=args.batch_size,
+                          idle_exit_s=args.idle_exit, metrics_port=args.metrics_port,
+                          metrics_host=args.metrics_host)
+    model = load_model(args.model, args.threads)
+    metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)
+    if args.stage == "device":
+        from consumers.device import DeviceWorker
+        worker = DeviceWorker(config, model, policy_spec(args), max_len=args.max_len, metrics=metrics)
+    else:
+        from consumers.remote import RemoteWorker
+        worker = RemoteWorker(config, model, args.stage, max_len=args.max_len, metrics=metrics)
+    log.info("%s worker pid %d ready (model %s, %d layers)", args.stage, os.getpid(),
+             getattr(model, "path", args.model), model.num_layers)
+    return worker.run()

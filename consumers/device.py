@@ -1,0 +1,200 @@
+"""The device stage: runs the first layers the policy asks for, exits or offloads, applies feedback.
+
+It consumes ``samples`` and ``feedback``. Samples are decided in batches through the shared decision
+loop (:func:`policies.engine.run_device`) with the real model as the layer runner; an offloaded sample
+carries its float16 hidden state at the split layer (trimmed to its real length), or its raw text when
+nothing ran here. Feedback records complete the delayed rewards of earlier offloads: they are learned by
+the policy that made the decision (rebuilt from the spec carried in the record), even after a swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from stream import messages
+from stream.checkpoint import SampleCommit, encode_updates
+from stream.errors import ConfigError, MessageError
+
+from consumers.records import result_record
+from consumers.worker import StageWorker, WorkerConfig, dlq_envelope, envelope, part_key, reason_kind
+from policies.base import Exit, Feedback, Observation, Policy, StateView
+from policies.control import ActiveSpec, PolicyControl
+from policies.engine import feedback_event, run_device
+
+log = logging.getLogger(__name__)
+
+
+class DeviceWorker(StageWorker):
+    stage = "device"
+
+    def __init__(self, config: WorkerConfig, model, default_policy: ActiveSpec, max_len: int = 128,
+                 metrics=None) -> None:
+        super().__init__(config, metrics)
+        self.model = model
+        self.max_len = max_len
+        self.control = PolicyControl(self.redis, config.redis_prefix)
+        self.spec = self.control.ensure(default_policy, model.num_layers, model.num_classes)
+        self.policy = self.spec.build(model.num_layers, model.num_classes)
+        self._seen_version = self.spec.version
+        self._feedback_policies: dict[str, Policy] = {}
+        self._announce()
+
+    def inputs(self) -> list[str]:
+        return [self.topics.samples, self.topics.feedback]
+
+    # -- hot swap at the batch boundary ----------------------------------------------------------
+    def _refresh_policy(self) -> None:
+        version = self.control.version()
+        if version == self._seen_version:
+            return
+        self._seen_version = version
+        spec = self.control.current()
+        try:
+            policy = spec.build(self.model.num_layers, self.model.num_classes)
+        except ConfigError as exc:
+            log.error("policy %s v%d cannot be built here, %s v%d keeps serving: %s", spec.name, spec.version,
+                      self.spec.name, self.spec.version, exc)
+            return
+        log.info("policy swap: %s v%d -> %s v%d", self.spec.name, self.spec.version, spec.name, spec.version)
+        self.spec, self.policy = spec, policy
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.metrics:
+            self.metrics.policy_info(self.spec.name, self.spec.version, self.policy.namespace())
+
+    # -- a batch ---------------------------------------------------------------------------------
+    def process(self, records: list) -> list[SampleCommit]:
+        self._refresh_policy()
+        samples, feedback, commits = [], [], []
+        for record in records:
+            kind = "sample" if record.topic == self.topics.samples else "feedback"
+            try:
+                msg = messages.decode(kind, record.value, max_bytes=self.config.max_message_bytes,
+                                      max_text=self.config.max_text_chars)
+                if kind == "sample" and record.key is not None and record.key.decode("utf-8", "replace") != msg["id"]:
+                    raise MessageError(f"sample key {record.key!r} differs from its id {msg['id']!r}")
+            except MessageError as exc:
+                commits.append(self._reject(record, str(exc)))
+                continue
+            (samples if kind == "sample" else feedback).append((record, msg))
+        if samples:
+            commits += self._decide(samples)
+        if feedback:
+            commits += self._learn_feedback(feedback)
+        return commits
+
+    def _reject(self, record, reason: str) -> SampleCommit:
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        log.warning("device: rejected %s to the DLQ: %s", where, reason)
+        if self.metrics:
+            self.metrics.dlq(reason_kind(reason))
+        return SampleCommit(f"{where}", part_key(record), dedup="",
+                            outputs=[dlq_envelope(self.topics, self.stage, record, reason)])
+
+    def _decide(self, samples: list) -> list[SampleCommit]:
+        import torch
+        started = time.time()
+        policy, ns = self.policy, self.policy.namespace()
+        msgs = [m for _, m in samples]
+        pairs = [m.get("text_pair") for m in msgs]
+        with torch.inference_mode():
+            batch = self.model.tokenize([m["text"] for m in msgs],
+                                        pairs if any(p is not None for p in pairs) else None, self.max_len)
+            embeddings = self.model.embed(batch).numpy()
+            hidden, mask = self.model.start(batch)
+            state = StateView(self.checkpoint.state(ns))
+            observations = [Observation(m["id"], self.model.num_layers, embedding=embeddings[i])
+                            for i, m in enumerate(msgs)]
+            box = {"hidden": hidden}
+
+            def runner(indices, from_layer, to_layer, exits):
+                idx = torch.tensor(indices)
+                out, probs = self.model.run(box["hidden"][idx], mask[idx], from_layer, to_layer, exits)
+                box["hidden"][idx] = out
+                return [{layer: p[j].numpy() for layer, p in probs.items()} for j in range(len(indices))]
+
+            outcomes = run_device(policy, state, observations, runner)
+            lengths = mask.sum(1).tolist()
+            final_hidden = box["hidden"]
+        elapsed_ms = (time.time() - started) * 1000.0
+        commits = []
+        policy_ref = {"name": self.spec.name, "version": self.spec.version, "ns": ns}
+        for i, ((record, msg), outcome) in enumerate(zip(samples, outcomes)):
+            if isinstance(outcome.action, Exit):
+                value = messages.encode("result", result_record(
+                    msg, outcome.trace, policy.cost, outcome.probs, outcome.observation.layer, policy_ref,
+                    decision=outcome.observation, latency_device_ms=elapsed_ms, stage=self.stage))
+                out = envelope(self.topics.results, msg["id"], value)
+                if self.metrics:
+                    self.metrics.result(messages.decode("result", value))
+            else:
+                out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms)
+            commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"device:{msg['id']}",
+                                        updates=encode_updates(ns, outcome.delta), outputs=[out]))
+        if self.metrics:
+            self.metrics.latency(elapsed_ms / 1000.0)
+        return commits
+
+    def _offload(self, msg: dict, outcome, hidden, elapsed_ms: float) -> bytes:
+        import torch
+        action, obs = outcome.action, outcome.observation
+        payload = {"id": msg["id"], "source": msg.get("source", ""), "seq": msg.get("seq"),
+                   "resume_layer": obs.layer,
+                   "run_to": self.model.num_layers if action.run_to is None else action.run_to,
+                   "threshold": action.threshold,
+                   "policy": {"name": self.spec.name, "params": self.spec.params, "cost": self.spec.cost,
+                              "cost_overrides": self.spec.cost_overrides, "version": self.spec.version,
+                              "ns": self.policy.namespace()},
+                   "context": outcome.context,
+                   "trace": {"device_layers": outcome.trace.device_layers,
+                             "device_exits": outcome.trace.device_exits, "tier": outcome.trace.tier},
+                   "decision": _decision(obs),
+                   "embedding_distance": outcome.context.get("distance"),
+                   "ts": msg["ts"], "latency_device_ms": elapsed_ms}
+        if obs.layer == 0:
+            payload["text"] = msg["text"]
+            if msg.get("text_pair") is not None:
+                payload["text_pair"] = msg["text_pair"]
+        else:
+            payload["hidden"] = messages.pack_tensor(hidden.to(torch.float16).numpy())
+        topic = self.topics.offload_edge if action.tier == "edge" else self.topics.offload_cloud
+        return envelope(topic, msg["id"], messages.encode("offload", payload))
+
+    # -- delayed rewards -------------------------------------------------------------------------
+    def _learn_feedback(self, feedback: list) -> list[SampleCommit]:
+        from stream.costs import Trace
+        commits, views = [], {}
+        for record, msg in feedback:
+            spec = msg["policy"]
+            try:
+                policy = self._policy_for(spec)
+            except ConfigError as exc:
+                commits.append(self._reject(record, f"policy of feedback cannot be built: {exc}"))
+                continue
+            ns = policy.namespace()
+            if ns not in views:
+                views[ns] = StateView(self.checkpoint.state(ns))
+            trace = Trace(**msg["trace"])
+            fb = Feedback(msg["exit_layer"], np.asarray(msg["probs"], dtype=np.float32))
+            delta = policy.learn(feedback_event(msg["id"], msg["context"], trace, fb), views[ns])
+            views[ns].add(delta)
+            commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"feedback:{ns}:{msg['id']}",
+                                        updates=encode_updates(ns, delta)))
+        return commits
+
+    def _policy_for(self, spec: dict) -> Policy:
+        key = f"{spec.get('name')}|{spec.get('params')}|{spec.get('cost')}|{spec.get('cost_overrides')}"
+        if key not in self._feedback_policies:
+            active = ActiveSpec(spec["name"], dict(spec.get("params") or {}), spec.get("cost", "splitee"),
+                                dict(spec.get("cost_overrides") or {}))
+            self._feedback_policies[key] = active.build(self.model.num_layers, self.model.num_classes)
+        return self._feedback_policies[key]
+
+
+def _decision(obs: Observation) -> dict:
+    conf = float(np.max(obs.probs[obs.layer])) if obs.layer in obs.probs else None
+    return {"layer": obs.layer, "confidence": conf}
