@@ -1,0 +1,198 @@
+"""Drift detection (river) over the signals a result carries, without labels, and over errors once joined.
+
+Signals: ``confidence`` (max class probability at the exit where the policy decided), ``offload``
+(1 when the sample left the device), ``distance`` (DIMEE distance to the nearest centroid, when the
+policy reports it) and ``error`` (1 when the prediction missed the label; evaluation only).
+
+Each detector sees one signal. Page-Hinkley and KSWIN get the signal standardised with the mean and
+standard deviation of a warm-up window, so one threshold (in standard deviations) suits signals of any
+scale; after a detection the warm-up starts again on the new regime. ADWIN reads the raw [0, 1]
+signals and the distance scaled to the warm-up's range. A detector that fired stays quiet for
+``cooldown`` observations, so one shift yields one event per detector rather than a burst.
+
+>>> import random
+>>> rng = random.Random(7)
+>>> mon = DriftMonitor()
+>>> stream = [rng.gauss(0.9, 0.05) for _ in range(2000)] + [rng.gauss(0.7, 0.1) for _ in range(1000)]
+>>> hits = [e for i, x in enumerate(stream) for e in mon.update("confidence", x, seq=i)]
+>>> sorted({e.detector for e in hits}), all(e.seq >= 2000 for e in hits)
+(['adwin', 'kswin', 'page_hinkley'], True)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time as _time
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter
+
+SIGNALS = ("confidence", "offload", "distance", "error")
+Scale = Literal["none", "z", "unit"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """One detector: river ``kind`` with ``params``, how the signal is scaled, and its warm-up."""
+
+    kind: Literal["adwin", "page_hinkley", "kswin"]
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scale: Scale = "none"
+    warmup: int = 0
+    min_std: float = 0.02
+    cooldown: int = 300
+
+    def build(self):
+        from river import drift
+        cls = {"adwin": drift.ADWIN, "page_hinkley": drift.PageHinkley, "kswin": drift.KSWIN}[self.kind]
+        return cls(**self.params)
+
+
+def _ph(threshold: float = 30.0, delta: float = 0.25, warmup: int = 200, min_std: float = 0.02) -> DetectorSpec:
+    return DetectorSpec("page_hinkley", {"min_instances": 30, "delta": delta, "threshold": threshold,
+                                         "alpha": 1 - 1e-4, "mode": "both"}, "z", warmup, min_std)
+
+
+def _kswin(alpha: float = 1e-5, warmup: int = 200) -> DetectorSpec:
+    return DetectorSpec("kswin", {"alpha": alpha, "window_size": 400, "stat_size": 100, "seed": 7}, "z", warmup)
+
+
+# Tuned on SST-2 → IMDb → AG News replays of the confidence matrices (bench/monitoring.py drift).
+DEFAULT_DETECTORS: dict[str, tuple[DetectorSpec, ...]] = {
+    "confidence": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(), _kswin()),
+    "offload": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(min_std=0.1)),
+    "distance": (DetectorSpec("adwin", {"delta": 1e-4}, "unit", 200), _ph(), _kswin()),
+    "error": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(min_std=0.1)),
+}
+
+
+class Detector:
+    """A river detector on one signal, fed through the scaling its spec asks for."""
+
+    def __init__(self, spec: DetectorSpec) -> None:
+        self.spec = spec
+        self._river = spec.build()
+        self._buffer: list[float] | None = [] if spec.scale != "none" and spec.warmup > 0 else None
+        self._shift, self._scale = 0.0, 1.0
+        self._quiet = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.kind
+
+    def update(self, x: float) -> bool:
+        """Feed one value; True when this value completes a detection (outside the cooldown)."""
+        if self._buffer is not None:
+            self._buffer.append(x)
+            if len(self._buffer) < self.spec.warmup:
+                return False
+            values, self._buffer = self._buffer, None
+            self._fit(values)
+            fired = False
+            for v in values:
+                if self._buffer is not None:  # a detection inside the warm-up started a new one
+                    self._buffer.append(v)
+                else:
+                    fired = self._feed(v) or fired
+            return fired
+        return self._feed(x)
+
+    def _fit(self, values: list[float]) -> None:
+        n = len(values)
+        if self.spec.scale == "z":
+            mean = sum(values) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1))
+            self._shift, self._scale = mean, max(std, self.spec.min_std)
+        else:  # unit: the warm-up's range maps to [0, 1]
+            lo, hi = min(values), max(values)
+            self._shift, self._scale = lo, max(hi - lo, 1e-9)
+
+    def _feed(self, x: float) -> bool:
+        self._river.update((x - self._shift) / self._scale)
+        if self._quiet:
+            self._quiet -= 1
+        if not self._river.drift_detected:
+            return False
+        if self.spec.scale != "none" and self.spec.warmup > 0:
+            self._river = self.spec.build()  # the next regime gets its own warm-up
+            self._buffer = []
+        if self._quiet:
+            return False
+        self._quiet = self.spec.cooldown
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftEvent:
+    """One detection: when, on which signal, by which detector, at which stream position and source."""
+
+    time: float
+    signal: str
+    detector: str
+    seq: int | None
+    source: str | None
+    index: int  # how many values of this signal the monitor had seen, this one included
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DriftMonitor:
+    """Runs the detectors of every signal, counts detections and keeps the latest events."""
+
+    def __init__(self, detectors: dict[str, tuple[DetectorSpec, ...]] | None = None,
+                 registry: CollectorRegistry | None = None, max_events: int = 500) -> None:
+        specs = DEFAULT_DETECTORS if detectors is None else detectors
+        unknown = set(specs) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown drift signal(s) {sorted(unknown)}; expected some of {SIGNALS}")
+        self._detectors = {signal: [Detector(s) for s in group] for signal, group in specs.items()}
+        self._seen = collections.Counter()
+        self.events: collections.deque[DriftEvent] = collections.deque(maxlen=max_events)
+        self.total = 0
+        self._counter = None
+        if registry is not None:
+            self._counter = Counter("exitflow_drift_detections", "Drift detections by signal and detector",
+                                    ["signal", "detector"], registry=registry)
+            for signal, group in self._detectors.items():
+                for det in group:
+                    self._counter.labels(signal, det.name)
+
+    def update(self, signal: str, value: float, *, seq: int | None = None, source: str | None = None,
+               time: float | None = None) -> list[DriftEvent]:
+        """Feed one value of ``signal``; returns the detections it completed (usually none)."""
+        group = self._detectors.get(signal)
+        if group is None:
+            return []
+        self._seen[signal] += 1
+        fired = []
+        for det in group:
+            if det.update(float(value)):
+                event = DriftEvent(_time.time() if time is None else time, signal, det.name, seq, source,
+                                   self._seen[signal])
+                fired.append(event)
+                self.events.append(event)
+                self.total += 1
+                if self._counter is not None:
+                    self._counter.labels(signal, det.name).inc()
+        return fired
+
+    def observe_result(self, record: dict[str, Any], time: float | None = None) -> list[DriftEvent]:
+        """The label-free signals of one result record."""
+        where = dict(seq=record.get("seq"), source=record.get("source"), time=time or record.get("ts"))
+        fired = []
+        conf = (record.get("decision") or {}).get("confidence")
+        if conf is not None:
+            fired += self.update("confidence", conf, **where)
+        fired += self.update("offload", 0.0 if record.get("tier") == "device" else 1.0, **where)
+        distance = record.get("embedding_distance")
+        if distance is not None:
+            fired += self.update("distance", distance, **where)
+        return fired
+
+    def observe_error(self, wrong: bool, record: dict[str, Any], time: float | None = None) -> list[DriftEvent]:
+        """The error indicator of a result whose label arrived (evaluation only)."""
+        return self.update("error", 1.0 if wrong else 0.0, seq=record.get("seq"), source=record.get("source"),
+                           time=time or record.get("ts"))
