@@ -121,6 +121,7 @@ class StateView(Mapping):
         self._base: dict[str, Value] = dict(snapshot or {})
         self._local: dict[str, Value] = {}
         self.pending: list[Delta] = []
+        self._keys: list[str] = []
 
     def __getitem__(self, key: str) -> Value:
         base = self._base.get(key)
@@ -143,18 +144,32 @@ class StateView(Mapping):
         value = self.get(key)
         return default if value is None else float(value)
 
-    def add(self, delta: Delta) -> None:
-        """Fold ``delta`` into the local view (visible to the next decision) and queue it for flushing."""
+    def add(self, delta: Delta, key: str = "") -> None:
+        """Fold ``delta`` into the local view (visible to the next decision) and queue it for flushing.
+
+        ``key`` names what the delta belongs to (``"decision:<sample id>"``), so a store can apply it
+        at most once per key (:meth:`take_keyed`).
+        """
         if not delta:
             return
-        for key, value in delta.items():
-            prev = self._local.get(key)
-            self._local[key] = value if prev is None else prev + value
+        for name, value in delta.items():
+            prev = self._local.get(name)
+            self._local[name] = value if prev is None else prev + value
         self.pending.append(delta)
+        self._keys.append(key)
 
     def take_pending(self) -> list[Delta]:
-        pending, self.pending = self.pending, []
+        """The queued deltas in the order they were learned (and forget them)."""
+        pending, self.pending, self._keys = self.pending, [], []
         return pending
+
+    def take_keyed(self) -> list[tuple[str, Delta]]:
+        """The queued deltas merged per key, in first-seen order (and forget them)."""
+        keyed: dict[str, list[Delta]] = {}
+        for key, delta in zip(self._keys, self.pending):
+            keyed.setdefault(key, []).append(delta)
+        self.pending, self._keys = [], []
+        return [(key, merge_deltas(deltas)) for key, deltas in keyed.items()]
 
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
@@ -204,12 +219,32 @@ class Policy:
         return {"seed": self.seed}
 
     # -- shared helpers --------------------------------------------------------------------------
+    def setting(self, key: str, value: Any, kind: type = float, low: float | None = None,
+                high: float | None = None) -> Any:
+        """``value`` as ``kind``, checked against [low, high]; errors name the policy, key and bad value."""
+        try:
+            out = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"policy {self.name!r}: {key} must be a {kind.__name__}, got {value!r}") from None
+        if (low is not None and out < low) or (high is not None and out > high):
+            bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise ConfigError(f"policy {self.name!r}: {key} must be in {bounds}, got {value!r}")
+        return out
+
     def namespace(self) -> str:
         """``name:hash(params, cost model, shape)``: the key under which this policy's state is kept."""
-        blob = json.dumps({"params": self.params(), "cost": dataclasses.asdict(self.cost),
-                           "layers": self.num_layers, "classes": self.num_classes},
-                          sort_keys=True, default=str)
-        return f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        cached = self.__dict__.get("_namespace")
+        if cached is None:
+            blob = json.dumps({"params": self.params(), "cost": dataclasses.asdict(self.cost),
+                               "layers": self.num_layers, "classes": self.num_classes},
+                              sort_keys=True, default=str)
+            cached = self._namespace = f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        return cached
+
+    def describe(self, state: Mapping[str, Value]) -> dict[str, Any]:
+        """A readable summary of learned ``state`` (``exitflow policy show``); default: the raw numbers."""
+        return {k: (v.round(6).tolist() if isinstance(v, np.ndarray) else round(float(v), 6))
+                for k, v in sorted(state.items())}
 
     def sample_rng(self, sample_id: str) -> np.random.Generator:
         """Randomness per sample: the same sample gets the same draw in every worker and after a restart."""

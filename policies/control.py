@@ -61,13 +61,21 @@ class PolicyControl:
             num_classes: int = 2) -> ActiveSpec:
         """Validate by building, then make it active for every worker; returns the new spec."""
         spec = ActiveSpec(name, dict(params or {}), cost, dict(cost_overrides or {}))
-        spec.build(num_layers, num_classes)  # raises ConfigError, the current policy keeps serving
+        policy = spec.build(num_layers, num_classes)  # raises ConfigError, the current policy keeps serving
+        info = json.dumps({"name": name, "params": spec.params, "cost": cost, "cost_overrides": spec.cost_overrides,
+                           "num_layers": num_layers, "num_classes": num_classes}, sort_keys=True)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.key, mapping={"name": name, "params": json.dumps(spec.params, sort_keys=True),
                                      "cost": cost, "cost_overrides": json.dumps(spec.cost_overrides)})
         pipe.hincrby(self.key, "version", 1)
-        _, version = pipe.execute()
+        pipe.hset(self.prefix + "namespaces", policy.namespace(), info)
+        _, version, _ = pipe.execute()
         return dataclasses.replace(spec, version=int(version))
+
+    def namespace_info(self, namespace: str) -> dict[str, Any] | None:
+        """How the policy of ``namespace`` was built (recorded by :meth:`use`), or None if unknown."""
+        raw = self.redis.hget(self.prefix + "namespaces", namespace)
+        return None if raw is None else json.loads(raw)
 
     def ensure(self, default: ActiveSpec, num_layers: int, num_classes: int) -> ActiveSpec:
         """The active spec, making ``default`` active first if none is set yet."""

@@ -75,7 +75,12 @@ def _check(policy: Policy, obs: Observation, action: Action) -> Action:
 
 def run_device(policy: Policy, state: StateView, observations: list[Observation],
                runner: LayerRunner) -> list[DeviceOutcome]:
-    """Decide a batch of samples on the device; learns the ``decision`` stage into ``state``."""
+    """Decide a batch of samples on the device; learns the ``decision`` stage into ``state``.
+
+    Each outcome's context is the policy's own plus ``ns`` (the namespace whose state made the decision:
+    its feedback must be learned there even if another policy is active by then). Deltas are queued in
+    ``state`` under the key ``decision:<sample id>``.
+    """
     outcomes: list[DeviceOutcome | None] = [None] * len(observations)
     exits_run = [0] * len(observations)
     active = list(range(len(observations)))
@@ -152,3 +157,12 @@ def remote_trace(device: Trace, remote: RemoteOutcome) -> Trace:
 def feedback_event(sample_id: str, context: dict[str, Any], trace: Trace, feedback: Feedback) -> Event:
     """The ``feedback`` learning event of an offloaded sample, as the policy's updater sees it."""
     return Event("feedback", sample_id, context, trace, None, feedback)
+
+
+def learn_feedback(policy: Policy, state: StateView, events: list[Event]) -> None:
+    """Learn ``feedback`` events into ``state``, each queued under the key ``feedback:<sample id>``."""
+    for event in events:
+        if event.stage != "feedback":
+            raise ConfigError(f"policy {policy.name!r}, sample {event.sample_id!r}: learn_feedback got a "
+                              f"{event.stage!r} event")
+        state.add(policy.learn(event, state), key=f"feedback:{event.sample_id}")

@@ -86,11 +86,15 @@ def build(name: str, params: dict[str, Any] | None = None, *, cost: CostModel, n
                           f"it takes {sorted(accepted) or 'none'}")
     kwargs = {k: _coerce(name, k, v, accepted[k].default) for k, v in params.items()}
     try:
-        return cls(cost=cost, num_layers=num_layers, num_classes=num_classes, **kwargs)
+        policy = cls(cost=cost, num_layers=num_layers, num_classes=num_classes, **kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"policy {name!r}: {exc}") from None
+    if live and policy.offline_only:  # a setting can make it read hindsight (splitee-s side_info=oracle)
+        raise ConfigError(f"policy {name!r} with {params} reads labels or hindsight: offline evaluation only "
+                          f"(exitflow eval)")
+    return policy
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

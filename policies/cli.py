@@ -1,0 +1,279 @@
+"""`exitflow eval` and `exitflow policy list|show|use|reset|calibrate`.
+
+Heavy imports (numpy work, matplotlib, redis) happen inside the commands, so `exitflow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from stream.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def register(subparsers) -> None:
+    ev = subparsers.add_parser(
+        "eval", help="run policies over a confidence matrix offline and compare them",
+        description="Stream a confidence matrix through one or more policies with the live decision loop "
+        "(in-memory state, reshuffled runs) and report accuracy, cost, offloads, exits and regret.")
+    ev.add_argument("--matrix", required=True, help="confidence matrix .npz (exitflow export-matrix)")
+    ev.add_argument("--calibration", metavar="C.npz",
+                    help="labelled validation matrix for the policies that need one (splitee α, dimee, eenet)")
+    ev.add_argument("--policy", default="all",
+                    help="NAME, NAME[k=v,...], a comma list of them, or all (default)")
+    _common_cost(ev)
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="policy or calibration setting; with several policies, applied where accepted")
+    ev.add_argument("--runs", type=int, default=20, help="reshuffled runs (SplitEE §5.2: 20)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=32, help="samples decided per state snapshot")
+    ev.add_argument("--feedback-delay", type=int, default=0,
+                    help="batches before an offloaded sample's reward is learned (0: end of its batch)")
+    ev.add_argument("--limit", type=int, help="use only the first N samples of the matrix")
+    ev.add_argument("--json", metavar="OUT", help="write every report (with thinned regret curves) here")
+    ev.add_argument("--plot", metavar="DIR", help="write regret.png and offload_sweep.png here")
+    ev.set_defaults(func=cmd_eval)
+
+    pol = subparsers.add_parser("policy", help="list, inspect, switch, reset and calibrate policies",
+                                description="Manage the active policy of a deployment (kept in Redis).")
+    sub = pol.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = sub.add_parser("list", help="every policy with its settings")
+    ls.set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help="the active policy and learned state")
+    show.add_argument("name", nargs="?", help="show the state of every namespace of this policy")
+    _redis(show)
+    show.set_defaults(func=cmd_show)
+    use = sub.add_parser("use", help="make a policy active for every worker (hot swap at a batch boundary)")
+    use.add_argument("name")
+    use.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _common_cost(use)
+    use.add_argument("--num-layers", type=int, default=6, help="layers of the deployed model (default 6)")
+    use.add_argument("--num-classes", type=int, default=2)
+    _redis(use)
+    use.set_defaults(func=cmd_use)
+    reset = sub.add_parser("reset", help="forget the learned state of one namespace (name:hash)")
+    reset.add_argument("namespace")
+    _redis(reset)
+    reset.set_defaults(func=cmd_reset)
+    cal = sub.add_parser("calibrate", help="fit a policy's calibration on a labelled validation matrix")
+    cal.add_argument("name")
+    cal.add_argument("--matrix", required=True, help="labelled validation matrix .npz")
+    cal.add_argument("--out", required=True, help="calibration JSON to write")
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="calibration setting")
+    _common_cost(cal)
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def _common_cost(parser) -> None:
+    parser.add_argument("--cost-model", default="splitee", choices=("splitee", "dimee"))
+    parser.add_argument("--offload-cost", type=float, metavar="O",
+                        help="offload cost o in λ (splitee: edge and cloud; dimee: cloud)")
+
+
+def _redis(parser) -> None:
+    parser.add_argument("--redis-url", default=os.environ.get("EXITFLOW_REDIS_URL", DEFAULT_REDIS_URL),
+                        help="Redis of the deployment (env EXITFLOW_REDIS_URL)")
+    parser.add_argument("--prefix", default="exitflow:", help="Redis key prefix of the deployment")
+
+
+def _overrides(args) -> dict[str, float]:
+    if args.offload_cost is None:
+        return {}
+    if args.offload_cost < 0:
+        raise ConfigError(f"--offload-cost must be >= 0, got {args.offload_cost}")
+    if args.cost_model == "dimee":
+        return {"offload_cloud": args.offload_cost}
+    return {"offload_cloud": args.offload_cost, "offload_edge": args.offload_cost}
+
+
+def _cost(args):
+    from stream.costs import preset
+    return preset(args.cost_model, **_overrides(args))
+
+
+def _load_matrix(path: str, limit: int | None = None):
+    from stream.matrix import ConfidenceMatrix
+
+    matrix = ConfidenceMatrix.load(path)
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {limit}")
+        sl = slice(0, limit)
+        matrix = ConfidenceMatrix(
+            probs=matrix.probs[sl], labels=None if matrix.labels is None else matrix.labels[sl],
+            embeddings=None if matrix.embeddings is None else matrix.embeddings[sl],
+            hidden_bytes=matrix.hidden_bytes, ids=None if matrix.ids is None else matrix.ids[sl], meta=matrix.meta)
+    return matrix
+
+
+def _connect(url: str):
+    import redis
+
+    from stream.errors import InfraError
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise InfraError(f"cannot reach Redis at {url} ({exc}); start it with `exitflow up` or pass "
+                         f"--redis-url") from None
+    return client
+
+
+def cmd_eval(args) -> int:
+    from policies.compare import compare, expand_specs, offload_sweep, plot_regret, plot_sweep, table, thin_curve
+    from policies.registry import parse_sets
+
+    matrix = _load_matrix(args.matrix, args.limit)
+    calibration = _load_matrix(args.calibration) if args.calibration else None
+    cost = _cost(args)
+    shared = parse_sets(args.set)
+    specs = expand_specs(args.policy)
+    log = (lambda msg: print(f"exitflow eval: {msg}", file=sys.stderr)) if len(specs) > 1 else None
+    kw = dict(shared=shared, calibration=calibration, runs=args.runs, seed=args.seed,
+              batch_size=args.batch_size, feedback_delay=args.feedback_delay, log=log)
+    reports = compare(specs, matrix, cost=cost, **kw)
+    print(table(reports))
+    sweep = None
+    if args.plot:
+        kept = [r["spec"] for r in reports]
+        print(f"regret curves: {plot_regret(reports, Path(args.plot) / 'regret.png')}")
+        sweep = offload_sweep(kept, matrix, cost=cost, **{**kw, "log": None})
+        print(f"accuracy and cost vs offload cost: {plot_sweep(sweep, Path(args.plot) / 'offload_sweep.png')}")
+    if args.json:
+        out = {"matrix": str(args.matrix), "calibration": args.calibration, "cost_model": cost.name,
+               "cost": {k: v for k, v in vars(cost).items()}, "runs": args.runs, "seed": args.seed,
+               "batch_size": args.batch_size, "feedback_delay": args.feedback_delay,
+               "reports": [{**{k: v for k, v in r.items() if k != "regret_curve"},
+                            "regret_curve": thin_curve(r["regret_curve"])} for r in reports],
+               "offload_sweep": sweep}
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=str))
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    import inspect
+
+    from policies.registry import parameters, registry
+
+    for name, cls in sorted(registry().items()):
+        doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
+        flags = []
+        if cls.offline_only:
+            flags.append("offline only")
+        if hasattr(cls, "calibrate"):
+            flags.append("calibrate")
+        settings = ", ".join(f"{k}={'' if p.default is inspect.Parameter.empty else p.default}"
+                             for k, p in parameters(cls).items())
+        print(f"{name:<16} {doc}")
+        print(f"{'':<16} settings: {settings or '-'}{'  [' + ', '.join(flags) + ']' if flags else ''}")
+    return 0
+
+
+def _policy_for(control, namespace: str):
+    """Rebuild the policy of ``namespace`` from what `policy use` recorded (None if unknown)."""
+    from policies.registry import build
+    from stream.costs import preset
+
+    info = control.namespace_info(namespace)
+    if info is None:
+        return None
+    try:
+        return build(info["name"], info["params"], cost=preset(info["cost"], **info["cost_overrides"]),
+                     num_layers=info["num_layers"], num_classes=info["num_classes"])
+    except ConfigError:
+        return None
+
+
+def cmd_show(args) -> int:
+    from policies.control import PolicyControl
+    from policies.state import RedisStore
+
+    client = _connect(args.redis_url)
+    control = PolicyControl(client, prefix=args.prefix)
+    store = RedisStore(client, prefix=args.prefix)
+    spec = control.current()
+    if spec is None:
+        print("active policy: none (workers start with their configured default)")
+    else:
+        print(f"active policy: {spec.name} v{spec.version}  settings {json.dumps(spec.params, sort_keys=True)}  "
+              f"cost {spec.cost}{' ' + json.dumps(spec.cost_overrides) if spec.cost_overrides else ''}")
+    namespaces = control.namespaces()
+    wanted = args.name or (spec.name if spec else None)
+    shown = [ns for ns in namespaces if wanted is None or ns.split(":", 1)[0] == wanted]
+    known = {ns for ns in (control.redis.hkeys(args.prefix + "namespaces") or [])}
+    known = {k.decode() if isinstance(k, bytes) else k for k in known}
+    if wanted and not shown:
+        print(f"no learned state for {wanted!r} yet")
+    for ns in shown:
+        state = store.snapshot(ns)
+        policy = _policy_for(control, ns) if ns in known else None
+        summary = policy.describe(state) if policy is not None else {
+            k: (v.round(6).tolist() if hasattr(v, "round") else round(v, 6)) for k, v in sorted(state.items())}
+        info = control.namespace_info(ns) if ns in known else None
+        print(f"\n{ns}" + (f"  settings {json.dumps(info['params'], sort_keys=True)}" if info else ""))
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_use(args) -> int:
+    from policies.control import PolicyControl
+    from policies.registry import parse_sets
+
+    params = parse_sets(args.set)
+    if "calibration" in params and params["calibration"]:
+        params["calibration"] = str(Path(params["calibration"]).resolve())  # workers may run elsewhere
+    control = PolicyControl(_connect(args.redis_url), prefix=args.prefix)
+    before = control.current()
+    try:
+        spec = control.use(args.name, params, cost=args.cost_model, cost_overrides=_overrides(args),
+                           num_layers=args.num_layers, num_classes=args.num_classes)
+    except ConfigError as exc:
+        still = f"{before.name} v{before.version}" if before else "none"
+        print(f"exitflow policy use: error: {exc}; the active policy is still {still}", file=sys.stderr)
+        return 1
+    print(f"active policy: {spec.name} v{spec.version} {json.dumps(spec.params, sort_keys=True)} "
+          f"(workers switch at their next batch)")
+    return 0
+
+
+def cmd_reset(args) -> int:
+    from policies.control import PolicyControl
+
+    deleted = PolicyControl(_connect(args.redis_url), prefix=args.prefix).reset(args.namespace)
+    print(f"{args.namespace}: {'state deleted' if deleted else 'no state to delete'}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from policies.calibration import save_calibration
+    from policies.compare import Calibrator, settings
+    from policies.registry import parse_sets, registry
+
+    classes = registry()
+    if args.name not in classes:
+        raise ConfigError(f"unknown policy {args.name!r}; expected one of {', '.join(sorted(classes))}")
+    cls = classes[args.name]
+    if not hasattr(cls, "calibrate"):
+        raise ConfigError(f"policy {args.name!r} needs no calibration; calibrated ones: "
+                          f"{', '.join(sorted(n for n, c in classes.items() if hasattr(c, 'calibrate')))}")
+    params = parse_sets(args.set)
+    _, cal_keys = settings(cls)
+    unknown = set(params) - cal_keys
+    if unknown:
+        raise ConfigError(f"calibrate {args.name!r}: unknown setting(s) {sorted(unknown)}; it takes "
+                          f"{sorted(cal_keys) or 'none'}")
+    data = Calibrator(_load_matrix(args.matrix)).calibrate(cls, _cost(args), params)
+    path = save_calibration({**data, "matrix": str(args.matrix)}, args.out)
+    brief = {k: v for k, v in data.items() if k in ("alpha", "m", "n", "budget", "thresholds", "counts", "validation",
+                                                    "validation_accuracy")}
+    print(json.dumps(brief, indent=1, default=str))
+    print(f"wrote {path}; use it with --set calibration={path}")
+    return 0

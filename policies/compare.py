@@ -1,0 +1,249 @@
+"""Several policies side by side on one matrix: specs, calibration on a labelled split, table, plots.
+
+``exitflow eval`` is a thin wrapper around :func:`compare` and :func:`table`. A policy that needs a
+labelled validation split (``calibration`` parameter) is calibrated on ``--calibration`` (once per
+calibration function, cost model and settings, so SplitEE, SplitEE-S and Random-exit share one α).
+
+>>> parse_spec("splitee-s[side_info=oracle,beta=2]")
+('splitee-s', {'side_info': 'oracle', 'beta': '2'})
+>>> expand_specs("splitee,splitee-s[side_info=oracle,beta=2]")
+['splitee', 'splitee-s[side_info=oracle,beta=2]']
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.errors import ConfigError
+
+from policies.base import Policy
+from policies.evaluate import evaluate
+
+#: ``--policy all``: every registered policy, plus SplitEE-S with the paper's side information.
+EXTRA_SPECS = ("splitee-s[side_info=oracle]",)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``'splitee-s[side_info=oracle,beta=2]'`` → ``('splitee-s', {'side_info': 'oracle', 'beta': '2'})``."""
+    name, _, rest = spec.strip().partition("[")
+    params: dict[str, str] = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ConfigError(f"eval: policy spec {spec!r} must look like NAME or NAME[key=value,...]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"eval: policy spec {spec!r}: {item!r} is not key=value")
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def expand_specs(policies: str) -> list[str]:
+    """``all`` or a comma list of specs (commas inside [...] belong to the spec)."""
+    from policies.registry import registry
+
+    if policies.strip() == "all":
+        return sorted(registry()) + list(EXTRA_SPECS)
+    out, depth, cur = [], 0, ""
+    for ch in policies:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [s.strip() for s in out + [cur] if s.strip()]
+
+
+def settings(cls) -> tuple[set[str], set[str]]:
+    """The settings a policy class takes: constructor keywords, and its calibration's keywords."""
+    from policies.registry import parameters
+
+    cal = set()
+    if hasattr(cls, "calibrate"):
+        cal = {k for k, p in inspect.signature(cls.calibrate).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and k != "cost"}
+    return set(parameters(cls)), cal
+
+
+class Calibrator:
+    """Builds policies for evaluation, calibrating on a labelled matrix where a policy needs it (cached)."""
+
+    def __init__(self, matrix=None) -> None:
+        self.matrix = matrix
+        self._cache: dict[tuple, dict] = {}
+
+    def calibrate(self, cls, cost, params: dict[str, Any]) -> dict:
+        from policies.registry import _coerce
+
+        fn = cls.calibrate
+        sig = inspect.signature(fn).parameters
+        kwargs = {k: _coerce(cls.name, k, v, sig[k].default) for k, v in params.items()
+                  if k in sig and sig[k].kind is sig[k].KEYWORD_ONLY and k != "cost"}
+        key = (fn.__module__, fn.__qualname__, cost, tuple(sorted(kwargs.items())))
+        if key not in self._cache:
+            self._cache[key] = fn(self.matrix, cost=cost, **kwargs)
+        return self._cache[key]
+
+    def build(self, spec: str, shared: dict[str, str], cost, num_layers: int, num_classes: int,
+              strict: bool = True) -> Policy:
+        """Policy for ``spec``; ``shared`` (--set) keys it does not take are an error only when ``strict``."""
+        from policies.registry import build, registry
+
+        name, own = parse_spec(spec)
+        classes = registry()
+        if name not in classes:
+            raise ConfigError(f"unknown policy {name!r}; expected one of {', '.join(sorted(classes))} or all")
+        cls = classes[name]
+        own_keys, cal_keys = settings(cls)
+        merged = {**shared, **own}
+        unknown = set(own) - own_keys - cal_keys if not strict else set(merged) - own_keys - cal_keys
+        if unknown:
+            raise ConfigError(f"policy {name!r}: unknown parameter(s) {sorted(unknown)}; it takes "
+                              f"{sorted(own_keys | cal_keys) or 'none'}")
+        params = {k: v for k, v in merged.items() if k in own_keys}
+        if "calibration" in own_keys and "calibration" not in params and self.matrix is not None:
+            params["calibration"] = self.calibrate(cls, cost, {k: v for k, v in merged.items() if k in cal_keys})
+        return build(name, params, cost=cost, num_layers=num_layers, num_classes=num_classes)
+
+
+def label(spec: str) -> str:
+    return spec.replace(" ", "")
+
+
+def compare(specs: list[str], matrix, *, cost, shared: dict[str, str] | None = None, calibration=None,
+            runs: int = 1, seed: int = 0, batch_size: int = 32, feedback_delay: int = 0,
+            log=None) -> list[dict[str, Any]]:
+    """Evaluate several policy specs on ``matrix``; specs that cannot be built in an ``all`` run are skipped."""
+    shared = dict(shared or {})
+    strict = len(specs) == 1
+    cal = Calibrator(calibration)
+    reference = None
+    try:
+        reference = cal.build("splitee", shared, cost, matrix.num_layers, matrix.num_classes, strict=False)
+    except ConfigError:
+        pass
+    if shared and not strict:
+        from policies.registry import registry
+
+        known = set().union(*(a | c for a, c in map(settings, registry().values())))
+        unknown = set(shared) - known
+        if unknown:
+            raise ConfigError(f"eval: no policy takes parameter(s) {sorted(unknown)}")
+    reports = []
+    for spec in specs:
+        try:
+            policy = cal.build(spec, shared, cost, matrix.num_layers, matrix.num_classes, strict=strict)
+        except ConfigError as exc:
+            if strict:
+                raise
+            if log:
+                log(f"skipping {spec}: {exc}")
+            continue
+        report = evaluate(policy, matrix, runs=runs, seed=seed, batch_size=batch_size,
+                          feedback_delay=feedback_delay, reference=reference)
+        report["spec"] = label(spec)
+        reports.append(report)
+        if log:
+            log(f"{label(spec)}: done")
+    return reports
+
+
+def table(reports: list[dict[str, Any]]) -> str:
+    """The comparison, shaped like SplitEE Table 2 / DIMEE Table I: accuracy and cost against final exit."""
+    head = (f"{'policy':<30} {'acc %':>6} {'Δacc':>6} {'cost/λ':>7} {'Δcost':>7} {'offload':>7} "
+            f"{'dev/edge/cloud %':>17} {'arm':>7} {'regret/T':>9}")
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        acc = "   n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:6.1f}"
+        drop = "   n/a" if r["accuracy"] is None else f"{-100 * r['accuracy_drop']:+6.1f}"
+        tiers = "/".join(f"{100 * r['tiers'][t] / r['samples']:.0f}" for t in ("device", "edge", "cloud"))
+        arm = f"{r['most_played_arm'] or '-'}/{r['best_fixed_arm']}"
+        rpt = r["regret"] / r["samples"]
+        lines.append(f"{r.get('spec', r['policy']):<30} {acc} {drop} {r['cost']:7.2f} "
+                     f"{100 * (r['cost_ratio'] - 1):+6.1f}% {r['offload_rate']:7.2f} {tiers:>17} {arm:>7} "
+                     f"{rpt:9.4f}")
+    if reports:
+        r = reports[0]
+        fe = r["final_exit_accuracy"]
+        lines.append(f"final exit: accuracy {'n/a' if fe is None else f'{100 * fe:.1f}%'}, cost "
+                     f"{r['final_exit_cost']:.2f} λ per sample ({r['cost_model']} cost model, offload "
+                     f"{r['offload_cost']:g}); Δ against it. arm = most played / best fixed (hindsight); "
+                     f"regret/T after {r['samples']} samples, mean of {r['runs']} runs")
+    return "\n".join(lines)
+
+
+def offload_sweep(specs: list[str], matrix, *, cost, offloads=(1, 2, 3, 4, 5), **kw) -> dict[str, Any]:
+    """Accuracy and cost of each spec for offload costs o (SplitEE Figs. 3–6); α recalibrated per o."""
+    out: dict[str, Any] = {"offload": list(offloads), "accuracy": {}, "cost": {}, "cost_ratio": {}}
+    for o in offloads:
+        overrides = {"offload_cloud": float(o)}
+        if cost.name != "dimee":
+            overrides["offload_edge"] = float(o)
+        for r in compare(specs, matrix, cost=cost.with_overrides(**overrides), **kw):
+            for key in ("accuracy", "cost", "cost_ratio"):
+                out[key].setdefault(r["spec"], []).append(r[key])
+    return out
+
+
+def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
+    """Mean cumulative regret against the best fixed arm (SplitEE Fig. 7)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in reports:
+        curve = r.get("regret_curve")
+        if curve is None or r["regret_kind"] != "pseudo":
+            continue
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=r["spec"])
+    ax.set_xlabel("samples")
+    ax.set_ylabel("cumulative regret (vs best fixed split)")
+    ax.set_title(f"regret, mean of {reports[0]['runs']} runs" if reports else "regret")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweep: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy and cost against the offload cost o, one line per policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for spec, accs in sweep["accuracy"].items():
+        if accs[0] is not None:
+            left.plot(sweep["offload"], [100 * a for a in accs], marker="o", label=spec)
+        right.plot(sweep["offload"], sweep["cost"][spec], marker="o", label=spec)
+    left.set_xlabel("offload cost o (λ)")
+    left.set_ylabel("accuracy %")
+    right.set_xlabel("offload cost o (λ)")
+    right.set_ylabel("cost per sample (λ)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def thin_curve(curve: list[float], points: int = 400) -> dict[str, list]:
+    """A regret curve subsampled for JSON: sample counts and values."""
+    t = len(curve)
+    idx = sorted(set(np.unique(np.linspace(1, t, min(points, t)).astype(int)).tolist()))
+    return {"t": idx, "regret": [curve[i - 1] for i in idx]}
