@@ -134,7 +134,7 @@ class DeviceWorker(StageWorker):
             else:
                 out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms)
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"device:{msg['id']}",
-                                        updates=encode_updates(ns, outcome.delta), outputs=[out]))
+                                        updates=encode_updates(ns, outcome.delta), outputs=[out], record=record))
         if self.metrics:
             self.metrics.latency(elapsed_ms / 1000.0)
         return commits

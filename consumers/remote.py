@@ -130,7 +130,8 @@ class RemoteWorker(StageWorker):
             commits.append(SampleCommit(
                 msg["id"], part_key(record), dedup=f"{self.stage}:{msg['id']}",
                 outputs=[envelope(self.topics.results, msg["id"], messages.encode("result", result)),
-                         envelope(self.topics.feedback, msg["id"], messages.encode("feedback", feedback))]))
+                         envelope(self.topics.feedback, msg["id"], messages.encode("feedback", feedback))],
+                record=record))
         if self.metrics:
             self.metrics.latency(elapsed_ms / 1000.0)
         return commits

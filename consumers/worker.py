@@ -163,12 +163,10 @@ class StageWorker:
         dups = self.checkpoint.commit(commits, offsets)
         if self.metrics:
             self.metrics.state_write(time.perf_counter() - started)
-        by_id = {c.sample_id: c for c in commits}
-        extra = [dlq_envelope(self.topics, self.stage, r, f"duplicate sample id {r.key!r}: already processed "
-                              f"by stage {self.stage}") for r in fresh
-                 if r.key is not None and r.key.decode("utf-8", "replace") in dups
-                 and r.key.decode("utf-8", "replace") in by_id]
-        outputs = [out for c in commits if c.sample_id not in dups for out in c.outputs]
+        outputs = [out for i, c in enumerate(commits) if i not in dups for out in c.outputs]
+        extra = [dlq_envelope(self.topics, self.stage, c.record, f"duplicate sample id {c.sample_id!r}: "
+                              f"already processed by stage {self.stage}") for i, c in enumerate(commits)
+                 if i in dups and c.record is not None]
         self._publish(outputs + extra)
         self.checkpoint.clear_outbox(sorted(offsets))
         self._consumer.commit()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ Value = float | np.ndarray
 # ARGV[1]: JSON {prefix, ttl, group, offsets: {"topic:partition": offset},
 #                samples: [{id, dedup, part, n_out, updates: [[ns, field, kind, value], ...]}]}
 # ARGV[2..]: output blobs, n_out per sample in order.
-# Returns the list of ids that were duplicates (nothing applied for them).
+# Returns the 0-based positions of the samples that were duplicates (nothing applied for them).
 COMMIT_LUA = r"""
 local h = cjson.decode(ARGV[1])
 local p = h.prefix
@@ -48,7 +49,7 @@ local function add_vector(key, field, delta)
   end
   redis.call('HSET', key, field, table.concat(out, ','))
 end
-for _, s in ipairs(h.samples) do
+for pos, s in ipairs(h.samples) do
   local fresh = true
   if s.dedup ~= '' then
     fresh = redis.call('SET', p .. 'seen:' .. s.dedup, '1', 'NX', 'EX', h.ttl)
@@ -68,7 +69,7 @@ for _, s in ipairs(h.samples) do
       redis.call('RPUSH', p .. 'outbox:' .. h.group .. ':' .. s.part, ARGV[argi + k - 1])
     end
   else
-    table.insert(dups, s.id)
+    table.insert(dups, pos - 1)
   end
   argi = argi + s.n_out
 end
@@ -114,6 +115,7 @@ class SampleCommit:
     dedup: str = ""                     # e.g. "device:<id>"; empty: no dedup (always applied)
     updates: list[list] = dataclasses.field(default_factory=list)
     outputs: list[bytes] = dataclasses.field(default_factory=list)
+    record: Any = None                  # the input record, to dead-letter it if it turns out a duplicate
 
 
 class Checkpointer:
@@ -126,15 +128,14 @@ class Checkpointer:
         self.ttl_s = int(ttl_s)
         self._commit = redis.register_script(COMMIT_LUA)
 
-    def commit(self, samples: Sequence[SampleCommit], offsets: Mapping[str, int]) -> set[str]:
-        """Apply a batch atomically; returns the sample ids that were duplicates (nothing applied)."""
+    def commit(self, samples: Sequence[SampleCommit], offsets: Mapping[str, int]) -> set[int]:
+        """Apply a batch atomically; returns the positions in ``samples`` of duplicates (nothing applied)."""
         header = {"prefix": self.prefix, "ttl": self.ttl_s, "group": self.group,
                   "offsets": {k: str(int(v)) for k, v in offsets.items()},
                   "samples": [{"id": s.sample_id, "dedup": s.dedup, "part": s.partition,
                                "n_out": len(s.outputs), "updates": s.updates} for s in samples]}
         args = [json.dumps(header)] + [out for s in samples for out in s.outputs]
-        dups = self._commit(keys=[], args=args)
-        return {d.decode() if isinstance(d, bytes) else d for d in dups}
+        return {int(d) for d in self._commit(keys=[], args=args)}
 
     def applied_offsets(self) -> dict[str, int]:
         raw = self.redis.hgetall(self.prefix + "offsets:" + self.group)
