@@ -62,9 +62,9 @@ def _kswin(alpha: float = 1e-5, warmup: int = 200) -> DetectorSpec:
 # Tuned on SST-2 → IMDb → AG News replays of the confidence matrices (bench/monitoring.py drift).
 DEFAULT_DETECTORS: dict[str, tuple[DetectorSpec, ...]] = {
     "confidence": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(), _kswin()),
-    "offload": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(min_std=0.1)),
+    "offload": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(min_std=0.3)),
     "distance": (DetectorSpec("adwin", {"delta": 1e-4}, "unit", 200), _ph(), _kswin()),
-    "error": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(min_std=0.1)),
+    "error": (DetectorSpec("adwin", {"delta": 1e-4}), _ph(min_std=0.3)),
 }
 
 
