@@ -29,7 +29,10 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 
 TIERS = ("device", "edge", "cloud")
 COST_COMPONENTS = ("device", "edge", "offload", "fee")
-DLQ_REASONS = ("decode", "schema", "tensor", "duplicate", "policy", "model", "timeout", "other")
+DLQ_REASONS = ("decode", "schema", "size", "tensor", "duplicate", "policy", "model", "timeout", "other")
+# Longer kinds some callers pass, folded onto the short ones (anything else becomes "other").
+DLQ_ALIASES = {"could_not_decode": "decode", "schema_version": "schema", "lacks_required": "schema",
+               "must_be": "schema", "empty": "schema", "exceeds_the_limit": "size"}
 MAX_LAYER_LABEL = 48  # exit layers above this are reported as "other" (keeps the label set bounded)
 MAX_POLICY_LABELS = 32  # distinct policy names per registry; more are reported as "other"
 
@@ -123,25 +126,27 @@ class StageMetrics:
         self._batch = f.batch.labels(stage)
 
     def _policy(self, name: str) -> tuple:
+        """(label, samples, cost children, bytes, confidence) of a policy name, created once."""
         children = self._per_policy.get(name)
         if children is None:
             f = self._f
+            label = name
             if name not in f.policies and len(f.policies) >= MAX_POLICY_LABELS:
-                return self._policy("other")
-            f.policies.add(name)
+                label = "other"
+            f.policies.add(label)
             s = self.stage
             children = self._per_policy[name] = (
-                f.samples.labels(s, name),
-                tuple(f.cost.labels(s, name, c) for c in COST_COMPONENTS),
-                f.offload_bytes.labels(s, name),
-                f.confidence.labels(s, name),
+                label,
+                f.samples.labels(s, label),
+                tuple(f.cost.labels(s, label, c) for c in COST_COMPONENTS),
+                f.offload_bytes.labels(s, label),
+                f.confidence.labels(s, label),
             )
         return children
 
     def result(self, record: dict) -> None:
         """Count one result record (the record this stage writes to the ``results`` topic)."""
-        policy = record["policy"]["name"]
-        samples, costs, nbytes, confidence = self._policy(policy)
+        policy, samples, costs, nbytes, confidence = self._policy(record["policy"]["name"])
         samples.inc()
         cost = record["cost"]
         for child, component in zip(costs, COST_COMPONENTS):
@@ -199,7 +204,8 @@ class StageMetrics:
         """One record sent to the dead-letter topic; ``reason`` is a short kind (unknown kinds → other)."""
         child = self._dlq.get(reason)
         if child is None:
-            child = self._dlq[reason] = self._f.dlq.labels(self.stage, reason if reason in DLQ_REASONS else "other")
+            kind = DLQ_ALIASES.get(reason, reason)
+            child = self._dlq[reason] = self._f.dlq.labels(self.stage, kind if kind in DLQ_REASONS else "other")
         child.inc()
 
     def state_write(self, seconds: float) -> None:
