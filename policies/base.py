@@ -11,6 +11,11 @@ Learning happens in two explicit stages, because the reward of an offloaded samp
   what the device saw is known, the remote outcome is not.
 * ``stage="feedback"``: when the edge/cloud stage reports back (``feedback`` topic) what the policy needs
   to score the decision, e.g. the final-layer confidence C_L. Only offloaded samples get this stage.
+
+A third, earlier step exists for policies that commit to a plan before any layer ran (a bandit's arm):
+``stage="start"`` is learned right after a sample's first action, before the layers it asked for run, so
+the next sample of the same batch already sees that pull in flight (SplitEE counts it as pending). Its
+deltas are queued under the same key as the sample's ``decision`` (both are applied together, once).
 """
 
 from __future__ import annotations
@@ -101,9 +106,9 @@ class Feedback:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One learning step: what happened to a sample, at ``stage`` ``decision`` or ``feedback``."""
+    """One learning step: what happened to a sample, at ``stage`` ``start``, ``decision`` or ``feedback``."""
 
-    stage: Literal["decision", "feedback"]
+    stage: Literal["start", "decision", "feedback"]
     sample_id: str
     context: dict[str, Any]
     trace: Trace

@@ -123,7 +123,7 @@ class RandomExit(SplitArms, Policy):
         return Offload("cloud")
 
     def context(self, obs: Observation, action: Action) -> dict[str, Any]:
-        return {"arm": obs.layer}
+        return {"arm": action.to_layer if isinstance(action, Continue) else obs.layer}
 
 
 class Patience(Policy):

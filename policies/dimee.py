@@ -169,15 +169,15 @@ class DimeeFixed(Policy):
         return Continue(obs.layer + 1, exits="last")
 
     def context(self, obs: Observation, action: Action) -> dict[str, Any]:
-        if isinstance(action, Exit):
-            return {"pool": "easy"}
-        return {"pool": "moderate" if action.tier == "edge" else "hard"}
+        if isinstance(action, Offload):
+            return {"pool": "moderate" if action.tier == "edge" else "hard"}
+        return {"pool": "easy"}
 
     def learn_pool(self, pool: str, embedding: np.ndarray) -> Delta:
         return {f"sum_{pool}": np.asarray(embedding, dtype=np.float64), f"n_{pool}": 1.0}
 
     def learn(self, event: Event, state: StateView) -> Delta:
-        if not self.adaptive or event.stage != "decision":
+        if not self.adaptive or event.stage != "start":  # the pool is known once the sample is routed
             return {}
         return self.learn_pool(event.context["pool"], event.observation.embedding)
 

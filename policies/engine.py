@@ -18,8 +18,8 @@ import numpy as np
 from stream.costs import Trace
 from stream.errors import ConfigError
 
-from policies.base import (Action, Continue, Event, Exit, ExitMode, Feedback, Observation, Offload,
-                           Policy, StateView)
+from policies.base import (Action, Continue, Delta, Event, Exit, ExitMode, Feedback, Observation, Offload,
+                           Policy, StateView, merge_deltas)
 
 
 class LayerRunner(Protocol):
@@ -41,7 +41,7 @@ class DeviceOutcome:
     action: Exit | Offload
     trace: Trace
     context: dict[str, Any]
-    delta: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the decision stage learned
+    delta: dict[str, Any] = dataclasses.field(default_factory=dict)  # what start + decision learned
 
     @property
     def offloaded(self) -> bool:
@@ -77,26 +77,37 @@ def run_device(policy: Policy, state: StateView, observations: list[Observation]
                runner: LayerRunner) -> list[DeviceOutcome]:
     """Decide a batch of samples on the device; learns the ``decision`` stage into ``state``.
 
+    Every sample's first action is learned as a ``start`` event before any layer runs (a pull in flight).
     Each outcome's context is the policy's own plus ``ns`` (the namespace whose state made the decision:
     its feedback must be learned there even if another policy is active by then). Deltas are queued in
-    ``state`` under the key ``decision:<sample id>``.
+    ``state`` under the key ``decision:<sample id>``, and each outcome's ``delta`` holds the sum of its
+    start and decision deltas (what a worker commits for that sample, once).
     """
     outcomes: list[DeviceOutcome | None] = [None] * len(observations)
     exits_run = [0] * len(observations)
+    started: list[Delta] = [{} for _ in observations]
     active = list(range(len(observations)))
+    first = True
+    ns = policy.namespace()
     while active:
         groups: dict[tuple[int, int, str], list[int]] = defaultdict(list)
         for i in active:
             obs = observations[i]
             action = _check(policy, obs, policy.decide(obs, state))
+            key = f"decision:{obs.sample_id}"
+            if first:
+                start = Event("start", obs.sample_id, policy.context(obs, action), Trace(), obs)
+                started[i] = policy.learn(start, state)
+                state.add(started[i], key=key)
             if isinstance(action, Continue):
                 groups[(obs.layer, action.to_layer, action.exits)].append(i)
                 continue
             tier = "device" if isinstance(action, Exit) else action.tier
             trace = Trace(device_layers=obs.layer, device_exits=exits_run[i], tier=tier)
-            outcome = DeviceOutcome(obs, action, trace, policy.context(obs, action))
-            outcome.delta = policy.learn(Event("decision", obs.sample_id, outcome.context, trace, obs), state)
-            state.add(outcome.delta)
+            outcome = DeviceOutcome(obs, action, trace, {**policy.context(obs, action), "ns": ns})
+            decided = policy.learn(Event("decision", obs.sample_id, outcome.context, trace, obs), state)
+            state.add(decided, key=key)
+            outcome.delta = merge_deltas([started[i], decided])
             outcomes[i] = outcome
         for (from_layer, to_layer, mode), indices in groups.items():
             for i, probs in zip(indices, runner(indices, from_layer, to_layer, mode)):
@@ -104,6 +115,7 @@ def run_device(policy: Policy, state: StateView, observations: list[Observation]
                 observations[i].layer = to_layer
                 exits_run[i] += len(probs)
         active = [i for i in active if outcomes[i] is None]
+        first = False
     return outcomes  # type: ignore[return-value]
 
 

@@ -8,11 +8,12 @@ Arm i (1-based) = run layers 1..i on the device. Reward, SplitEE Eq. 1::
 with γ_i and o taken from the cost model of what really ran (SplitEE: λ1·i + λ2, one exit evaluated;
 SplitEE-S: λ·i, every exit evaluated). Arm choice, Algorithm 1 line 6: ``argmax Q(i) + β √(ln t / N(i))``.
 
-**Delayed rewards.** An exit is rewarded at once (``decision`` stage). An offload's reward needs C_L,
-which arrives in the ``feedback`` stage; meanwhile the pull is *pending*: ``p_i`` counts it. The index
-uses ``N(i) + P(i)`` in the exploration term (a pending pull already shrinks the bonus, so a burst of
-samples in one batch, or a slow cloud, does not send everything to the same unexplored arm), ``t``
-counts every decided sample, and Q(i) averages completed rewards only. An arm whose pulls are all still
+**Delayed rewards.** A pull is *pending* from the moment the arm is chosen (``start`` stage, before the
+layers run) until its reward is known: at once for an exit (``decision`` stage), in the ``feedback``
+stage for an offload, whose reward needs C_L from the cloud. ``p_i`` counts pending pulls. The index
+uses ``N(i) + P(i)`` in the exploration term (a pending pull already shrinks the bonus, so the samples
+of one batch, or of a slow cloud's backlog, do not all go to the same arm), ``t`` counts every pull,
+and Q(i) averages completed rewards only. An arm whose pulls are all still
 pending has no mean yet: it is scored by its best possible reward ``1 - μ γ_i`` (optimistic, bounded).
 Arms never pulled (N + P = 0) are played first, lowest layer first (Algorithm 1 line 3).
 
@@ -164,17 +165,19 @@ class SplitEE(SplitArms, Policy):
         return Offload("cloud")
 
     def context(self, obs: Observation, action: Action) -> dict[str, Any]:
-        return {"arm": obs.layer}
+        return {"arm": action.to_layer if isinstance(action, Continue) else obs.layer}
 
     def learn(self, event: Event, state: StateView) -> Delta:
         arm = int(event.context["arm"])
+        if event.stage == "start":       # the pull is in flight: pending until its reward is known
+            return {"t": 1.0, f"p{arm}": 1.0}
         if event.stage == "feedback":
             reward = self.reward_exit(event.feedback.confidence, event.trace)
             return {f"p{arm}": -1.0, f"n{arm}": 1.0, f"s{arm}": reward}
         if event.trace.tier == "device":
             reward = self.reward_exit(event.observation.confidence(arm), event.trace)
-            return {"t": 1.0, f"n{arm}": 1.0, f"s{arm}": reward}
-        return {"t": 1.0, f"p{arm}": 1.0}
+            return {f"p{arm}": -1.0, f"n{arm}": 1.0, f"s{arm}": reward}
+        return {}                        # offloaded: stays pending until feedback brings C_L
 
     def describe(self, state) -> dict[str, Any]:
         view = state if isinstance(state, StateView) else StateView(state)
@@ -209,6 +212,8 @@ class SplitEES(SplitEE):
         return {**super().params(), "side_info": self.side_info, "cl_estimate": self.cl_estimate}
 
     def context(self, obs: Observation, action: Action) -> dict[str, Any]:
+        if isinstance(action, Continue):
+            return {"arm": action.to_layer}
         return {"arm": obs.layer, "conf": [obs.confidence(j) for j in range(1, obs.layer + 1)]}
 
     def _side(self, j: int, conf: float, c_last: float | None) -> tuple[str, float | None]:
@@ -227,6 +232,8 @@ class SplitEES(SplitEE):
         return conf[-1]
 
     def learn(self, event: Event, state: StateView) -> Delta:
+        if event.stage == "start":
+            return {"t": 1.0, f"p{int(event.context['arm'])}": 1.0}
         conf = [float(c) for c in event.context["conf"]]
         arm = len(conf)
         delta: Delta = {}
@@ -244,7 +251,7 @@ class SplitEES(SplitEE):
                     _, reward = self._side(j, c, c_last)
                     add(f"p{j}", -1.0), add(f"n{j}", 1.0), add(f"s{j}", reward)
             return delta
-        add("t", 1.0)
+        add(f"p{arm}", -1.0)            # the pull itself is resolved; side arms below say how
         if self.side_info == "oracle":
             c_last: float | None = float(np.max(event.observation.hindsight[-1]))
         elif event.trace.tier == "device":
@@ -257,4 +264,4 @@ class SplitEES(SplitEE):
                 add(f"p{j}", 1.0)
             else:
                 add(f"n{j}", 1.0), add(f"s{j}", reward)
-        return delta
+        return {k: v for k, v in delta.items() if v != 0.0 or k[0] == "s"}

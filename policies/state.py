@@ -79,12 +79,12 @@ class RedisStore:
         return self.apply_many(ns, [(dedup, delta)])[0]
 
     def apply_many(self, ns: str, items: Sequence[tuple[str, Delta]]) -> list[bool]:
-        commits = [SampleCommit(dedup or f"-{i}", partition="-", dedup=dedup, updates=encode_updates(ns, delta))
-                   for i, (dedup, delta) in enumerate(items)]
+        commits = [SampleCommit(dedup or "-", partition="-", dedup=dedup, updates=encode_updates(ns, delta))
+                   for dedup, delta in items]
         if not commits:
             return []
         dups = self._cp.commit(commits, offsets={})
-        return [c.sample_id not in dups for c in commits]
+        return [i not in dups for i in range(len(commits))]
 
 
 def flush(store: MemoryStore | RedisStore, ns: str, view: StateView) -> int:
