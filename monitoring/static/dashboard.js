@@ -184,7 +184,7 @@ function render(s) {
 
   const series = s.series;
   const t1 = series.length ? series[series.length - 1].t : s.time;
-  const t0 = Math.min(series.length ? series[0].t : t1 - 60, t1 - 60);
+  const t0 = Math.min(series.length ? series[0].t : t1 - 60, t1 - 10);
   const marks = { t0, t1, events: s.drift.events, swaps: s.policy.swaps };
   // The newest second is still filling: leave it out of the throughput line.
   const done = series.length > 1 ? series.slice(0, -1) : series;
