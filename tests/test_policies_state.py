@@ -150,3 +150,14 @@ def test_swap_a_b_a_resumes_a(matrix, redis):
     assert control.namespace_info(a.namespace())["params"] == {"alpha": "0.8"}
     assert control.reset(a.namespace()) == 1
     assert store.snapshot(a.namespace()) == {}
+
+
+def test_a_batch_with_some_duplicates_applies_only_the_fresh_ones(redis):
+    store = RedisStore(redis)
+    vec = np.array([1.0, 2.0, 3.0])
+    assert store.apply_many("p:1", [("k1", {"n": 1.0, "v": vec})]) == [True]
+    got = store.apply_many("p:1", [("k1", {"n": 1.0, "v": vec}), ("k2", {"n": 2.0, "v": 2 * vec}),
+                                   ("", {"n": 4.0}), ("k2", {"n": 8.0})])
+    assert got == [False, True, True, False]
+    state = store.snapshot("p:1")
+    assert state["n"] == 7.0 and np.array_equal(state["v"], 3 * vec)
