@@ -196,16 +196,23 @@ class Monitor:
             now = time.monotonic()
             try:
                 if consumer is None:
+                    if not self._broker_reachable():  # the client would block for its whole timeout
+                        self._set_kafka(False, f"broker unreachable at {self.bootstrap}")
+                        self._stop.wait(1.0)
+                        continue
                     consumer = K.consumer(self.bootstrap, metadata_max_age_ms=5000, max_partition_fetch_bytes=256 << 10)
                 if now >= next_refresh:
                     assigned = self._assign(consumer, assigned, list(kinds))
                     next_refresh = now + (1.0 if not assigned else 5.0)
-                if not assigned:
-                    self._set_kafka(True, None)
+                if not assigned:  # the topics do not exist yet: wait for the stack to create them
+                    ok = self._broker_reachable()
+                    self._set_kafka(ok, f"waiting for {self.topics.results}" if ok else
+                                    f"broker unreachable at {self.bootstrap}")
                     self._stop.wait(0.5)
                     continue
                 batches = consumer.poll(timeout_ms=200, max_records=5000)
-                self._set_kafka(True, None)
+                if batches:
+                    self._set_kafka(True, None)
                 wall = time.time()
                 results, labels = [], []
                 for tp, records in batches.items():
@@ -226,8 +233,11 @@ class Monitor:
                     agg.add_result(msg, wall)
                 agg.tick(wall)
                 if now >= next_lag:
-                    self._lag(consumer, assigned)
                     next_lag = now + 2.0
+                    if not self._broker_reachable():  # kafka-python retries quietly; say so on the dashboard
+                        self._set_kafka(False, f"broker unreachable at {self.bootstrap}")
+                        continue
+                    self._lag(consumer, assigned)
             except Exception as exc:  # the broker went away, a metadata error…: report, back off, reconnect
                 log.warning("monitor: Kafka at %s: %s", self.bootstrap, exc)
                 self._set_kafka(False, f"{type(exc).__name__}: {exc}")
@@ -261,6 +271,14 @@ class Monitor:
         log.info("monitor: reading %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(wanted)))
         return wanted
 
+    def _broker_reachable(self) -> bool:
+        from stream.infra import port_open
+        for server in self.bootstrap.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if host and port.isdigit() and port_open(host.strip("[]"), int(port), timeout=0.5):
+                return True
+        return False
+
     def _lag(self, consumer, assigned: set) -> None:
         ends = consumer.end_offsets(list(assigned))
         total = 0
@@ -270,6 +288,7 @@ class Monitor:
             self.stage_metrics.lag(tp.topic, tp.partition, lag)
         with self.aggregate.lock:
             self.aggregate.kafka["lag"] = total
+        self._set_kafka(True, None)
 
     def _set_kafka(self, ok: bool, error: str | None) -> None:
         agg = self.aggregate

@@ -221,3 +221,13 @@ def test_cli_serves_until_sigterm(broker, stack, topic_prefix, tmp_path):
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err.decode()
     assert b"dashboard at http://127.0.0.1:" in out
+
+
+def test_an_unreachable_broker_is_reported_not_fatal():
+    from monitoring.service import Monitor
+    from stream.infra import free_port
+    with Monitor(f"127.0.0.1:{free_port()}", port=0) as mon:
+        s = wait_for(mon, lambda s: s["kafka"]["error"], timeout=20)
+        assert not s["kafka"]["connected"] and "unreachable" in s["kafka"]["error"]
+        assert mon.registry.get_sample_value("exitflow_broker_up", {"stage": "monitor"}) == 0
+        assert get(mon.url + "healthz")[0] == 200

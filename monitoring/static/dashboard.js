@@ -176,7 +176,8 @@ function render(s) {
 
   const kafka = s.kafka;
   $("status-dot").className = "dot " + (kafka.connected ? "ok" : "bad");
-  setText("status-text", kafka.connected ? `Kafka ok · lag ${fmtInt(kafka.lag)}` : `Kafka: ${kafka.error || "connecting"}`);
+  setText("status-text", !kafka.connected ? `Kafka: ${kafka.error || "connecting"}`
+    : kafka.error ? `Kafka ok · ${kafka.error}` : `Kafka ok · lag ${fmtInt(kafka.lag)}`);
   const active = s.policy.active;
   const seen = Object.keys(s.policy.results_by_policy);
   $("policy-badge").textContent = "policy: " + (active ? `${active.name} v${active.version}` : (seen[seen.length - 1] || "–"));
