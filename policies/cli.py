@@ -52,8 +52,8 @@ def register(subparsers) -> None:
     use.add_argument("name")
     use.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _common_cost(use)
-    use.add_argument("--num-layers", type=int, default=6, help="layers of the deployed model (default 6)")
-    use.add_argument("--num-classes", type=int, default=2)
+    use.add_argument("--num-layers", type=int, help="layers of the deployed model (default: the default model's, else 6)")
+    use.add_argument("--num-classes", type=int, help="classes of the deployed model (default: the default model's, else 2)")
     _redis(use)
     use.set_defaults(func=cmd_use)
     reset = sub.add_parser("reset", help="forget the learned state of one namespace (name:hash)")
@@ -94,6 +94,18 @@ def _overrides(args) -> dict[str, float]:
 def _cost(args):
     from stream.costs import preset
     return preset(args.cost_model, **_overrides(args))
+
+
+def _model_shape(args) -> tuple[int, int]:
+    """--num-layers / --num-classes, defaulting to the default model's (its exitflow_model.json), else 6 and 2."""
+    layers, classes = 6, 2
+    try:
+        from stream.config import default_model_dir
+        meta = json.loads((default_model_dir() / "exitflow_model.json").read_text())
+        layers, classes = int(meta["num_layers"]), int(meta["num_classes"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return (args.num_layers or layers), (args.num_classes or classes)
 
 
 def _load_matrix(path: str, limit: int | None = None):
@@ -232,9 +244,10 @@ def cmd_use(args) -> int:
         params["calibration"] = str(Path(params["calibration"]).resolve())  # workers may run elsewhere
     control = PolicyControl(_connect(args.redis_url), prefix=args.prefix)
     before = control.current()
+    layers, classes = _model_shape(args)
     try:
         spec = control.use(args.name, params, cost=args.cost_model, cost_overrides=_overrides(args),
-                           num_layers=args.num_layers, num_classes=args.num_classes)
+                           num_layers=layers, num_classes=classes)
     except ConfigError as exc:
         still = f"{before.name} v{before.version}" if before else "none"
         print(f"exitflow policy use: error: {exc}; the active policy is still {still}", file=sys.stderr)

@@ -198,11 +198,11 @@ def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in reports:
+    for k, r in enumerate(reports):
         curve = r.get("regret_curve")
         if curve is None or r["regret_kind"] != "pseudo":
             continue
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=r["spec"])
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=r["spec"], linestyle=("-", "--", "-.", ":")[k % 4])
     ax.set_xlabel("samples")
     ax.set_ylabel("cumulative regret (vs best fixed split)")
     ax.set_title(f"regret, mean of {reports[0]['runs']} runs" if reports else "regret")
@@ -223,10 +223,12 @@ def plot_sweep(sweep: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for spec, accs in sweep["accuracy"].items():
+    colors = plt.get_cmap("tab20").colors
+    for k, (spec, accs) in enumerate(sweep["accuracy"].items()):
+        style = {"marker": "os^vD"[k % 5], "color": colors[k % len(colors)], "label": spec}
         if accs[0] is not None:
-            left.plot(sweep["offload"], [100 * a for a in accs], marker="o", label=spec)
-        right.plot(sweep["offload"], sweep["cost"][spec], marker="o", label=spec)
+            left.plot(sweep["offload"], [100 * a for a in accs], **style)
+        right.plot(sweep["offload"], sweep["cost"][spec], **style)
     left.set_xlabel("offload cost o (λ)")
     left.set_ylabel("accuracy %")
     right.set_xlabel("offload cost o (λ)")
