@@ -15,11 +15,9 @@ def register(subparsers) -> None:
         description="Follow the results and labels topics of a running stack, join them by sample id, run "
         "the drift detectors and serve a live dashboard (/), a JSON API (/api/summary, /api/events) and "
         "Prometheus metrics (/metrics). Read-only: it writes nothing to Kafka or Redis.")
-    p.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    p.add_argument("--redis-url", default=None,
-                   help="Redis holding the active policy and its state (omit: no policy/arm panels)")
-    p.add_argument("--prefix", default="exitflow.", help="topic prefix")
-    p.add_argument("--redis-prefix", default="exitflow:", help="Redis key prefix")
+    from stream.config import add_connection_args
+    add_connection_args(p)
+    p.add_argument("--no-redis", action="store_true", help="do not read the active policy and arms from Redis")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback: anyone who can reach it "
                    "sees the dashboard)")
     p.add_argument("--port", type=int, default=8090, help="dashboard/API port (0: any free port)")
@@ -35,11 +33,15 @@ def register(subparsers) -> None:
 
 def cmd_monitor(args) -> int:
     from monitoring.service import Monitor
+    from stream.config import redis_url
 
-    mon = Monitor(args.bootstrap, redis_url=args.redis_url, prefix=args.prefix, redis_prefix=args.redis_prefix,
+    mon = Monitor(args.bootstrap, redis_url=None if args.no_redis else redis_url(args), prefix=args.prefix, redis_prefix=args.redis_prefix,
                   host=args.host, port=args.port, metrics_port=args.metrics_port,
                   from_beginning=not args.from_end, join_capacity=args.join_capacity,
                   label_max_age_s=args.label_max_age)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"exitflow monitor: listening on {args.host}: anyone who can reach it can read the dashboard "
+              "(it is read-only)", file=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *_: mon.request_stop())
     mon.start()
     print(f"exitflow monitor: dashboard at {mon.url} (Kafka {args.bootstrap}, topics {args.prefix}*)", flush=True)

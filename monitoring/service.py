@@ -342,7 +342,8 @@ class Monitor:
                 with agg.lock:
                     agg.redis.update(connected=True, error=None)
             except Exception as exc:
-                log.warning("monitor: Redis at %s: %s", _safe_url(self.redis_url), exc)
+                if agg.redis["connected"] is not False:  # log the change, not every retry
+                    log.warning("monitor: Redis at %s: %s", _safe_url(self.redis_url), exc)
                 with agg.lock:
                     agg.redis.update(connected=False, error=f"{type(exc).__name__}: {exc}")
             self._stop.wait(self.poll_s)

@@ -199,10 +199,11 @@ def test_dashboard_renders_the_numbers_in_headless_chromium(monitor, stack):
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
-def test_cli_serves_until_sigterm(broker, stack, topic_prefix, tmp_path):
+def test_cli_serves_until_sigterm(broker, redis_server, stack, topic_prefix, tmp_path):
     url_file = tmp_path / "url"
     proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "monitor", "--bootstrap", broker.bootstrap,
-                             "--prefix", topic_prefix, "--port", "0", "--url-file", str(url_file)],
+                             "--redis-url", redis_server.url, "--prefix", topic_prefix, "--port", "0",
+                             "--url-file", str(url_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -214,7 +215,11 @@ def test_cli_serves_until_sigterm(broker, stack, topic_prefix, tmp_path):
         deadline = time.monotonic() + 30
         while json.loads(get(url + "api/summary")[2])["samples"] < N and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert json.loads(get(url + "api/summary")[2])["samples"] == N
+        deadline = time.monotonic() + 10
+        while not json.loads(get(url + "api/summary")[2])["arms"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        s = json.loads(get(url + "api/summary")[2])
+        assert s["samples"] == N and s["arms"]["ns"] == NS and s["policy"]["active"]["name"] == "static-maxprob"
         assert json.loads(get(url + "healthz")[2])["ok"]
     finally:
         proc.terminate()
