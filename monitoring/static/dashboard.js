@@ -205,7 +205,11 @@ function render(s) {
     ? [`${active.name} — version ${active.version}`, `settings: ${JSON.stringify(active.params)}`, `cost model: ${active.cost}`]
     : ["no active policy in Redis (pass --redis-url); from results: " + (seen.join(", ") || "–")];
   for (const text of lines) { const div = document.createElement("div"); div.textContent = text; pol.appendChild(div); }
-  rows("#swaps tbody", s.policy.swaps.slice(-8).reverse(), (w) => [clock(w.time), w.name, w.version, w.seq ?? "–"]);
+  // Swaps as the results show them (first sample decided by the new version) and as control set them.
+  const swaps = s.policy.swaps.map((w) => ({ ...w, via: `results from seq ${w.seq ?? "?"}` }))
+    .concat(s.policy.control_swaps.map((w) => ({ ...w, via: "set in Redis" })))
+    .sort((a, b) => b.time - a.time).slice(0, 10);
+  rows("#swaps tbody", swaps, (w) => [clock(w.time), w.name, w.version, w.via]);
 
   const arms = (s.arms && s.arms.arms) || [];
   setText("arms-ns", s.arms ? s.arms.ns : "");
