@@ -23,6 +23,8 @@ import numpy as np
 
 from typing import Any
 
+from stream.costs import Trace
+
 from stream.errors import ConfigError
 
 from policies.base import Action, Continue, Exit, Observation, Offload, Policy, StateView
@@ -51,16 +53,37 @@ class CloudOnly(Policy):
 
 
 class _StaticThreshold(Policy):
-    """Exit at the first device layer whose exit is confident enough; offload past ``max_layer``."""
+    """Exit at the first device layer whose exit is confident enough; offload past ``max_layer``.
 
-    def __init__(self, *, threshold: float = 0.9, max_layer: int | None = None, **kw) -> None:
+    ``threshold`` defaults to the class's ``default``, or to a calibration's (``policy calibrate``:
+    the cheapest threshold whose validation accuracy is within ``tolerance`` of the final exit's, the
+    way DeeBERT and ElasticBERT take theirs from the validation split).
+    """
+
+    default = 0.9
+
+    def __init__(self, *, threshold: float | None = None, max_layer: int | None = None,
+                 calibration: str | None = None, **kw) -> None:
         super().__init__(**kw)
+        self.calibration = load_calibration(calibration, self.name, accept=(self.name,))
+        if threshold is None:
+            threshold = self.calibration.get("threshold", self.default)
         self.threshold = self.setting("threshold", threshold, float, 0.0)
-        self.max_layer = self.setting("max_layer", self.num_layers if max_layer is None else max_layer,
-                                      int, 1, self.num_layers)
+        if max_layer is None:
+            max_layer = self.calibration.get("max_layer", self.num_layers)
+        self.max_layer = self.setting("max_layer", max_layer, int, 1, self.num_layers)
+
+    def score(self, probs: np.ndarray) -> np.ndarray:
+        """Confidence score of exit probabilities ``[..., C]`` (higher: more confident)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def from_score(cut: float) -> float:
+        """The ``threshold`` setting that means "score >= cut"."""
+        return cut
 
     def confident(self, probs: np.ndarray) -> bool:
-        raise NotImplementedError
+        return bool(self.score(probs) >= self.threshold)
 
     def decide(self, obs: Observation, state: StateView) -> Action:
         if obs.layer and self.confident(obs.probs[obs.layer]):
@@ -70,7 +93,37 @@ class _StaticThreshold(Policy):
         return Exit() if self.max_layer == self.num_layers else Offload("cloud")
 
     def params(self) -> dict:
-        return {"threshold": self.threshold, "max_layer": self.max_layer, "seed": self.seed}
+        return {"threshold": self.threshold, "max_layer": self.max_layer, "seed": self.seed,
+                "calibration": calibration_digest(self.calibration)}
+
+    @classmethod
+    def calibrate(cls, matrix, *, cost, tolerance: float = 0.01, max_layer: int | None = None) -> dict[str, Any]:
+        """The cheapest threshold whose accuracy on a labelled validation matrix is within ``tolerance``."""
+        if matrix.labels is None:
+            raise ConfigError(f"{cls.name} calibration needs a labelled matrix (labels array)")
+        probe = cls(cost=cost, num_layers=matrix.num_layers, num_classes=matrix.num_classes, threshold=0.0,
+                    max_layer=max_layer)
+        probs = matrix.probs.astype(np.float64)
+        n, layers = probs.shape[:2]
+        m = probe.max_layer
+        scores = probe.score(probs)[:, :m]                                   # [N, m]
+        correct = probs.argmax(-1) == matrix.labels[:, None]
+        final = float(correct[:, -1].mean())
+        rows = []
+        for t in np.unique(np.quantile(scores, np.linspace(0, 1, 201))):
+            hit = scores >= t
+            layer = np.where(hit.any(1), hit.argmax(1) + 1, m)
+            exited = hit.any(1) | (m == layers)
+            acc = np.where(exited, correct[np.arange(n), layer - 1], correct[:, -1]).mean()
+            price = [cost.breakdown(Trace(int(k), int(k), tier="device" if e else "cloud",
+                                          cloud_layers=0 if e else layers - int(k))).total
+                     for k, e in zip(layer, exited)]
+            rows.append({"threshold": float(t), "accuracy": float(acc), "cost": float(np.mean(price))})
+        ok = [r for r in rows if r["accuracy"] >= final - tolerance - 1e-12]
+        best = min(ok, key=lambda r: (r["cost"], -r["threshold"])) if ok else max(rows, key=lambda r: r["accuracy"])
+        return {"policy": cls.name, "threshold": cls.from_score(best["threshold"]), "max_layer": m, "tolerance": tolerance,
+                "validation": {"samples": n, "final_exit_accuracy": final, "accuracy": best["accuracy"],
+                               "cost": best["cost"]}}
 
 
 class StaticMaxProb(_StaticThreshold):
@@ -78,21 +131,29 @@ class StaticMaxProb(_StaticThreshold):
 
     name = "static-maxprob"
 
-    def confident(self, probs: np.ndarray) -> bool:
-        return float(np.max(probs)) >= self.threshold
+    def score(self, probs: np.ndarray) -> np.ndarray:
+        return np.max(probs, axis=-1)
 
 
 class StaticEntropy(_StaticThreshold):
-    """DeeBERT / BranchyNet: exit when the entropy of the exit's distribution (nats) is at most ``threshold``."""
+    """DeeBERT / BranchyNet: exit when the entropy of the exit's distribution (nats) is at most ``threshold``.
+
+    Its score is the negative entropy, so ``threshold`` here is the entropy bound itself.
+    """
 
     name = "static-entropy"
+    default = 0.3
 
-    def __init__(self, *, threshold: float = 0.3, max_layer: int | None = None, **kw) -> None:
-        super().__init__(threshold=threshold, max_layer=max_layer, **kw)
+    def score(self, probs: np.ndarray) -> np.ndarray:
+        p = np.clip(probs, 1e-12, 1.0)
+        return (p * np.log(p)).sum(-1)
+
+    @staticmethod
+    def from_score(cut: float) -> float:
+        return -cut
 
     def confident(self, probs: np.ndarray) -> bool:
-        p = np.clip(probs, 1e-12, 1.0)
-        return float(-(p * np.log(p)).sum()) <= self.threshold
+        return bool(-self.score(probs) <= self.threshold)
 
 
 class RandomExit(SplitArms, Policy):

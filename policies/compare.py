@@ -85,7 +85,8 @@ class Calibrator:
         sig = inspect.signature(fn).parameters
         kwargs = {k: _coerce(cls.name, k, v, sig[k].default) for k, v in params.items()
                   if k in sig and sig[k].kind is sig[k].KEYWORD_ONLY and k != "cost"}
-        key = (fn.__module__, fn.__qualname__, cost, tuple(sorted(kwargs.items())))
+        owner = getattr(fn, "__self__", None)  # a classmethod calibrates per class; a function is shared
+        key = (fn.__module__, fn.__qualname__, owner, cost, tuple(sorted(kwargs.items())))
         if key not in self._cache:
             self._cache[key] = fn(self.matrix, cost=cost, **kwargs)
         return self._cache[key]
