@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one process per core is fastest)")
     p.add_argument("--group", help="consumer group (default: <prefix><stage>)")
     p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without records")
+    p.add_argument("--outage-timeout", type=float, default=60.0,
+                   help="exit with code 3 when Kafka or Redis stays unreachable this long (retrying meanwhile)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1")
     add_policy_args(p)
@@ -79,7 +81,7 @@ def cmd_worker(args) -> int:
     config = WorkerConfig(bootstrap=args.bootstrap, redis_url=redis_url(args), topic_prefix=args.prefix,
                           redis_prefix=args.redis_prefix, group=args.group, batch_size=args.batch_size,
                           idle_exit_s=args.idle_exit, metrics_port=args.metrics_port,
-                          metrics_host=args.metrics_host)
+                          metrics_host=args.metrics_host, broker_timeout_s=args.outage_timeout)
     model = load_model(args.model, args.threads)
     metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)
     if args.stage == "device":

