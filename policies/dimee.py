@@ -80,8 +80,12 @@ def pool_rewards(conf: np.ndarray, pool: np.ndarray, layer: np.ndarray, cost: Co
     return out
 
 
-def calibrate(matrix, *, cost: CostModel, m: int | None = None, n: int | None = None) -> dict[str, Any]:
-    """Pools, α and centroids from a validation matrix (DIMEE Alg. 1 and Eq. 2–3), as a JSON-able dict."""
+def calibrate(matrix, *, cost: CostModel, m: int | None = None, n: int | None = None,
+              mu: float | None = None) -> dict[str, Any]:
+    """Pools, α and centroids from a validation matrix (DIMEE Alg. 1 and Eq. 2–3), as a JSON-able dict.
+
+    ``mu`` overrides the cost model's μ in Eq. 2 (the weight of cost against confidence) for this choice.
+    """
     if matrix.embeddings is None:
         raise ConfigError("dimee calibration needs a matrix with input embeddings (embeddings array)")
     probs = matrix.probs.astype(np.float64)
@@ -91,6 +95,8 @@ def calibrate(matrix, *, cost: CostModel, m: int | None = None, n: int | None = 
     n = dn if n is None else int(n)
     if not 1 <= m <= n <= num_layers:
         raise ConfigError(f"dimee calibration: need 1 <= m <= n <= {num_layers}, got m={m}, n={n}")
+    if mu is not None:
+        cost = cost.with_overrides(mu=float(mu))
     conf = probs.max(-1)
     grid = np.linspace(1.0 / classes, 1.0, 10)
     expected = []
@@ -102,7 +108,7 @@ def calibrate(matrix, *, cost: CostModel, m: int | None = None, n: int | None = 
     pool, layer = assign_pools(conf, alpha, m, n)
     emb = matrix.embeddings.astype(np.float64)
     out: dict[str, Any] = {
-        "policy": "dimee", "alpha": alpha, "m": m, "n": n, "cost_model": cost.name,
+        "policy": "dimee", "alpha": alpha, "m": m, "n": n, "cost_model": cost.name, "mu": cost.mu,
         "expected_reward": {f"{a:.4f}": round(r, 6) for a, r in zip(grid, expected)},
         "centroids": {name: emb[pool == k].mean(0).tolist() for k, name in enumerate(POOLS) if (pool == k).any()},
         "counts": {name: int((pool == k).sum()) for k, name in enumerate(POOLS)},
