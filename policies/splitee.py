@@ -41,6 +41,7 @@ estimated by ``cl_estimate``: ``mean`` (running mean of the C_L observed in feed
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, Literal
 
@@ -138,6 +139,11 @@ class SplitEE(SplitArms, Policy):
         return {"alpha": self.alpha, "beta": self.beta, "seed": self.seed,
                 "calibration": calibration_digest(self.calibration)}
 
+    @functools.cached_property
+    def _best_reward(self) -> list[float]:
+        """1 - μγ_i: the most an arm can earn (confidence 1, cheapest outcome); scores all-pending arms."""
+        return [1.0 - self.cost.mu * self.arm_cost(i, "device") for i in range(1, self.num_layers + 1)]
+
     def index(self, state: StateView) -> list[float]:
         """The UCB index of every arm (``inf`` for an arm never pulled)."""
         t = state.number("t")
@@ -148,7 +154,7 @@ class SplitEE(SplitArms, Policy):
             if n + pending <= 0:
                 out.append(math.inf)
                 continue
-            mean = state.number(f"s{i}") / n if n > 0 else 1.0 - self.cost.mu * self.arm_cost(i, "device")
+            mean = state.number(f"s{i}") / n if n > 0 else self._best_reward[i - 1]
             out.append(mean + self.beta * math.sqrt(log_t / (n + pending)))
         return out
 
