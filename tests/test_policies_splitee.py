@@ -105,7 +105,7 @@ def test_learn_from_feedback_only_through_feedback_events():
 
 
 def test_splitee_s_side_observations_observed():
-    p = SplitEES(cost=splitee(offload=5.0), num_layers=4, alpha=0.8)
+    p = SplitEES(cost=splitee(offload=5.0), num_layers=4, alpha=0.8, cl_estimate="mean")
     # exited at arm 3 with C = (0.7, 0.85, 0.9): arm 1 needs C_L, estimated by the mean of observed C_L
     obs = Observation("e", 4, layer=3, probs=probs(0.7, 0.85, 0.9))
     ctx = p.context(obs, Exit())
@@ -115,6 +115,8 @@ def test_splitee_s_side_observations_observed():
     assert delta["s1"] == pytest.approx(0.8 - 0.1 * (1 + 5))          # Ĉ_L = 1.6 / 2, γ = λ·1 + o
     assert delta["s2"] == pytest.approx(0.85 - 0.1 * 2)               # SplitEE-S pays λ·i
     assert delta["s3"] == pytest.approx(0.9 - 0.1 * 3)
+    deepest = SplitEES(cost=splitee(offload=5.0), num_layers=4, alpha=0.8)       # the default: Ĉ_L = C_3
+    assert deepest.learn(Event("decision", "e", ctx, Trace(3, 3), obs), state)["s1"] == pytest.approx(0.9 - 0.6)
 
 
 def test_splitee_s_offloaded_sample_leaves_unconfident_arms_pending_until_feedback():
