@@ -173,19 +173,27 @@ def cmd_eval(args) -> int:
 def cmd_list(args) -> int:
     import inspect
 
-    from policies.registry import parameters, registry
+    from policies.registry import build, parameters, registry
+    from stream.costs import preset
 
     for name, cls in sorted(registry().items()):
         doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
-        flags = []
-        if cls.offline_only:
-            flags.append("offline only")
-        if hasattr(cls, "calibrate"):
-            flags.append("calibrate")
-        settings = ", ".join(f"{k}={'' if p.default is inspect.Parameter.empty else p.default}"
-                             for k, p in parameters(cls).items())
+        flags = ["offline only"] if cls.offline_only else []
+        try:  # defaults that depend on the model shape or a calibration show as resolved for 6 layers
+            default = build(name, cost=preset("splitee"), num_layers=6)
+        except ConfigError:
+            default = None
+            flags.append("needs calibration=FILE")
+        if default is not None and hasattr(cls, "calibrate"):
+            flags.append("calibration=FILE optional")
+        shown = []
+        for key, param in parameters(cls).items():
+            value = param.default
+            if value is None and default is not None and getattr(default, key, None) is not None:
+                value = getattr(default, key)
+            shown.append(f"{key}={'' if value is inspect.Parameter.empty else value}")
         print(f"{name:<16} {doc}")
-        print(f"{'':<16} settings: {settings or '-'}{'  [' + ', '.join(flags) + ']' if flags else ''}")
+        print(f"{'':<16} settings: {', '.join(shown) or '-'}{'  [' + '; '.join(flags) + ']' if flags else ''}")
     return 0
 
 
