@@ -5,6 +5,8 @@ offloaded to the cloud at once (with layer 1's hidden state), skipping every oth
 continues through the device exits 2..max_layer, exiting at the first with C_k >= p_tar; a sample
 still unsure at ``max_layer`` is inferred there (the paper's EE N-1, ``at_max=exit``) or offloaded
 (``at_max=offload``, the extension its conclusion proposes). The decision exit never predicts itself.
+The paper sets p_d and p_tar by hand; ``policy calibrate deex`` picks the cheapest pair that keeps the
+validation accuracy within a tolerance of the final exit's.
 
 >>> import numpy as np
 >>> from stream.costs import splitee
@@ -20,9 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from stream.costs import Trace
 from stream.errors import ConfigError
 
 from policies.base import Action, Continue, Exit, Observation, Offload, Policy, StateView
+from policies.calibration import calibration_digest, load_calibration
 
 
 class Deex(Policy):
@@ -30,21 +36,66 @@ class Deex(Policy):
 
     name = "deex"
 
-    def __init__(self, *, p_d: float = 0.8, p_tar: float = 0.9, max_layer: int | None = None,
-                 at_max: str = "exit", **kw) -> None:
+    def __init__(self, *, p_d: float | None = None, p_tar: float | None = None, max_layer: int | None = None,
+                 at_max: str | None = None, calibration: str | None = None, **kw) -> None:
         super().__init__(**kw)
-        self.p_d = self.setting("p_d", p_d, float, 0.0, 1.0)
-        self.p_tar = self.setting("p_tar", p_tar, float, 0.0, 1.0)
-        default_max = max(1, self.num_layers - 1)
+        cal = self.calibration = load_calibration(calibration, self.name, accept=("deex",))
+        self.p_d = self.setting("p_d", cal.get("p_d", 0.8) if p_d is None else p_d, float, 0.0, 1.0)
+        self.p_tar = self.setting("p_tar", cal.get("p_tar", 0.9) if p_tar is None else p_tar, float, 0.0, 1.0)
+        default_max = cal.get("max_layer", max(1, self.num_layers - 1))
         self.max_layer = self.setting("max_layer", default_max if max_layer is None else max_layer,
                                       int, 1, self.num_layers)
+        at_max = cal.get("at_max", "exit") if at_max is None else at_max
         if at_max not in ("exit", "offload"):
             raise ConfigError(f"policy {self.name!r}: at_max must be 'exit' or 'offload', got {at_max!r}")
         self.at_max = at_max
 
     def params(self) -> dict[str, Any]:
         return {"p_d": self.p_d, "p_tar": self.p_tar, "max_layer": self.max_layer, "at_max": self.at_max,
-                "seed": self.seed}
+                "seed": self.seed, "calibration": calibration_digest(self.calibration)}
+
+    def outcomes(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised decisions on ``[N, L, C]``: exit layer (1-based), offloaded?, cost per sample."""
+        conf = probs.max(-1)
+        n, layers = conf.shape
+        m = self.max_layer
+        early = conf[:, 0] < self.p_d
+        hit = conf[:, 1:m] >= self.p_tar                                    # exits 2..m
+        first = np.where(hit.any(1), hit.argmax(1) + 2, m)
+        offload = early | (~hit.any(1) & (self.at_max == "offload") & (m < layers))
+        stop = np.where(early, 1, first)
+        exit_layer = np.where(offload, layers, stop)
+        cost = np.array([self.cost.breakdown(Trace(int(k), int(k), tier="cloud" if o else "device",
+                                                   cloud_layers=layers - int(k) if o else 0)).total
+                         for k, o in zip(stop, offload)])
+        return exit_layer, offload, cost
+
+    @classmethod
+    def calibrate(cls, matrix, *, cost, tolerance: float = 0.01, max_layer: int | None = None,
+                  at_max: str = "exit") -> dict[str, Any]:
+        """p_d and p_tar from a labelled validation matrix: the cheapest pair (grid 0.50..0.99) whose
+        accuracy is within ``tolerance`` of the final exit's (DEEx §IV studies this trade-off by hand)."""
+        if matrix.labels is None:
+            raise ConfigError("deex calibration needs a labelled matrix (labels array)")
+        probs = matrix.probs.astype(np.float64)
+        correct = probs.argmax(-1) == matrix.labels[:, None]
+        final = float(correct[:, -1].mean())
+        grid = np.round(np.arange(1.0 / matrix.num_classes, 1.0, 0.025), 4)
+        rows = []
+        for p_d in grid:
+            for p_tar in grid:
+                probe = cls(cost=cost, num_layers=matrix.num_layers, num_classes=matrix.num_classes, p_d=p_d,
+                            p_tar=p_tar, max_layer=max_layer, at_max=at_max)
+                layer, _, price = probe.outcomes(probs)
+                acc = float(correct[np.arange(len(layer)), layer - 1].mean())
+                rows.append({"p_d": float(p_d), "p_tar": float(p_tar), "accuracy": acc, "cost": float(price.mean()),
+                             "max_layer": probe.max_layer})
+        ok = [r for r in rows if r["accuracy"] >= final - tolerance - 1e-12]
+        best = min(ok, key=lambda r: (r["cost"], -r["accuracy"])) if ok else max(rows, key=lambda r: r["accuracy"])
+        return {"policy": "deex", "p_d": best["p_d"], "p_tar": best["p_tar"], "max_layer": best["max_layer"],
+                "at_max": at_max, "tolerance": tolerance,
+                "validation": {"samples": matrix.num_samples, "final_exit_accuracy": final,
+                               "accuracy": best["accuracy"], "cost": best["cost"]}}
 
     def decide(self, obs: Observation, state: StateView) -> Action:
         if obs.layer == 0:

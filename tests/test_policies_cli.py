@@ -73,7 +73,7 @@ def test_calibrate_writes_json_the_policy_takes(tmp_path, url, capsys):
     assert data["policy"] == "dimee" and data["m"] == 1 and data["n"] == 2
     assert main(["policy", "use", "dimee-adaptive", "--set", f"calibration={out}", "--num-layers", "4",
                  "--cost-model", "dimee", "--redis-url", url]) == 0
-    assert main(["policy", "calibrate", "deex", "--matrix", str(tmp_path / "cal.npz"), "--out", str(out)]) == 1
+    assert main(["policy", "calibrate", "cloud-only", "--matrix", str(tmp_path / "cal.npz"), "--out", str(out)]) == 1
     assert "needs no calibration" in capsys.readouterr().err
     assert main(["policy", "calibrate", "splitee", "--matrix", str(tmp_path / "cal.npz"), "--out", str(out),
                  "--set", "budget=0.5"]) == 1

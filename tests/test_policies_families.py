@@ -173,3 +173,17 @@ def test_oracle_is_the_upper_bound():
         assert other["accuracy"] <= oracle["accuracy"]
     with pytest.raises(ConfigError, match="offline evaluation only"):
         build("oracle", cost=splitee(), num_layers=4, live=True)
+
+
+@pytest.mark.parametrize("name,settings", [("deex", {"at_max": "offload", "max_layer": 3}),
+                                           ("static-maxprob", {"max_layer": 3}), ("static-entropy", {})])
+def test_calibrated_thresholds_reproduce_their_validation_numbers_online(name, settings):
+    """The vectorised simulation a calibration optimises is what the policy then does, sample by sample."""
+    from policies.registry import registry
+
+    m = synthetic_matrix(300, layers=4, seed=13)
+    cal = registry()[name].calibrate(m, cost=splitee(offload=2.0), tolerance=0.02, **settings)
+    assert cal["validation"]["accuracy"] >= cal["validation"]["final_exit_accuracy"] - 0.02
+    r = evaluate(build(name, {"calibration": cal}, cost=splitee(offload=2.0), num_layers=4), m)
+    assert r["accuracy"] == pytest.approx(cal["validation"]["accuracy"])
+    assert r["cost"] == pytest.approx(cal["validation"]["cost"])
