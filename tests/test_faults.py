@@ -34,8 +34,11 @@ def model_dir(tmp_path_factory):
 class Stack:
     """Worker processes against one broker + Redis, with the helpers the fault tests need."""
 
-    def __init__(self, broker, redis_server, prefix, model_dir, partitions=2):
+    def __init__(self, broker, redis_server, prefix, model_dir, partitions=2, logs=None):
+        import tempfile
+        from pathlib import Path
         self.broker, self.redis, self.prefix, self.model_dir = broker, redis_server, prefix, model_dir
+        self.logs = Path(logs or tempfile.mkdtemp(prefix="exitflow-fault-"))
         self.topics = Topics(prefix)
         self.procs: list[subprocess.Popen] = []
         K.create_topics(broker.bootstrap, self.topics.all(), partitions=partitions)
@@ -44,8 +47,10 @@ class Stack:
         cmd = [sys.executable, "-m", "stream.cli", "worker", stage, "--model", str(self.model_dir), "--bootstrap",
                self.broker.bootstrap, "--redis-url", self.redis.url, "--prefix", self.prefix, "--batch-size",
                str(batch), *extra]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        log = self.logs / f"{stage}-{len(self.procs)}.log"
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc.log = log
         self.procs.append(proc)
         return proc
 
@@ -210,7 +215,7 @@ def test_broker_outage_exits_nonzero_then_restart_resumes(broker, redis_server, 
         started = time.monotonic()
         code = proc.wait(60)
         took = time.monotonic() - started
-        err = proc.stderr.read().decode()
+        err = proc.log.read_text()
         print(f"\n[fault] broker outage: exit_code={code} after {took:.1f}s")
         assert code == 3
         assert "unreachable" in err
