@@ -172,15 +172,20 @@ class DeviceWorker(StageWorker):
             spec = msg["policy"]
             try:
                 policy = self._policy_for(spec)
-            except ConfigError as exc:
+            except (ConfigError, KeyError, TypeError) as exc:
                 commits.append(self._reject(record, f"policy of feedback cannot be built: {exc}"))
                 continue
             ns = policy.namespace()
             if ns not in views:
                 views[ns] = StateView(self.checkpoint.state(ns))
-            trace = Trace(**msg["trace"])
-            fb = Feedback(msg["exit_layer"], np.asarray(msg["probs"], dtype=np.float32))
-            delta = policy.learn(feedback_event(msg["id"], msg["context"], trace, fb), views[ns])
+            try:
+                trace = Trace(**{k: msg["trace"][k] for k in Trace.__dataclass_fields__ if k in msg["trace"]})
+                fb = Feedback(msg["exit_layer"], np.asarray(msg["probs"], dtype=np.float32))
+                delta = policy.learn(feedback_event(msg["id"], msg["context"], trace, fb), views[ns])
+            except (KeyError, TypeError, ValueError, ConfigError) as exc:
+                commits.append(self._reject(record, f"feedback does not fit policy {spec.get('name')!r}: "
+                                                    f"{type(exc).__name__}: {exc}"))
+                continue
             views[ns].add(delta)
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"feedback:{ns}:{msg['id']}",
                                         updates=encode_updates(ns, delta)))

@@ -60,6 +60,12 @@ class RemoteWorker(StageWorker):
             if msg["hidden"].shape[0] > self.max_len:
                 raise MessageError(f"{where}: hidden state has {msg['hidden'].shape[0]} tokens, over max_len "
                                    f"{self.max_len}")
+        if msg["trace"]["tier"] != self.stage:
+            raise MessageError(f"{where}: offloaded to tier {msg['trace']['tier']!r} but read by the {self.stage} stage")
+        try:
+            preset(msg["policy"].get("cost", "splitee"), **(msg["policy"].get("cost_overrides") or {}))
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise MessageError(f"{where}: bad cost model in the policy reference: {exc}") from None
         threshold = msg.get("threshold")
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
             raise MessageError(f"{where}: threshold must be a number in [0, 1] or absent, got {threshold!r}")
@@ -110,7 +116,7 @@ class RemoteWorker(StageWorker):
             outcomes = run_remote([m["resume_layer"] for m in msgs], offloads, self.model.num_layers, runner)
         elapsed_ms = (time.time() - started) * 1000.0
         for (record, msg), outcome in zip(valid, outcomes):
-            device = Trace(**msg["trace"])
+            device = Trace(**{k: v for k, v in msg["trace"].items() if k in ("device_layers", "device_exits", "tier")})
             trace = remote_trace(device, outcome)
             spec = msg["policy"]
             cost = preset(spec.get("cost", "splitee"), **(spec.get("cost_overrides") or {}))

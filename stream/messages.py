@@ -77,7 +77,28 @@ def decode(kind: str, data: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES,
             _check_text(msg, "text_pair", max_text)
     if kind in ("result", "feedback") and not all(_finite(x) for x in msg.get("probs", []) or [0.0]):
         raise MessageError(f"{kind} message {msg['id']!r} has non-finite probabilities")
+    if kind in ("offload", "feedback"):
+        require_fields(msg, "policy", POLICY_REF)
+        trace = require_fields(msg, "trace", TRACE)
+        if trace["tier"] not in ("device", "edge", "cloud") or trace["device_layers"] < 0 or trace["device_exits"] < 0:
+            raise MessageError(f"{kind} {msg['id']!r}: bad trace {trace!r}")
     return msg
+
+
+def require_fields(msg: dict[str, Any], field: str, spec: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+    """Check a nested map field (e.g. the policy reference of an offload) has ``spec``'s keys and types."""
+    value = msg.get(field)
+    if not isinstance(value, dict):
+        raise MessageError(f"{msg.get('kind')} {msg.get('id')!r}: field {field!r} must be a map")
+    for key, types in spec.items():
+        if not isinstance(value.get(key), types) or isinstance(value.get(key), bool):
+            raise MessageError(f"{msg.get('kind')} {msg.get('id')!r}: {field}.{key} must be "
+                               f"{'/'.join(t.__name__ for t in types)}, got {type(value.get(key)).__name__}")
+    return value
+
+
+POLICY_REF = {"name": (str,), "version": (int,), "ns": (str,)}
+TRACE = {"device_layers": (int,), "device_exits": (int,), "tier": (str,)}
 
 
 def _finite(x: Any) -> bool:
