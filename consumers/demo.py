@@ -54,8 +54,9 @@ def register_demo(subparsers) -> None:
     p.add_argument("--prefix", default=None, help="topic prefix (default: a fresh one per run)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--dashboard-port", type=int, default=None,
-                   help="serve the live dashboard on this port (needs the monitoring package)")
+    p.add_argument("--dashboard-port", type=int, default=0,
+                   help="port of the live dashboard on 127.0.0.1 (0: a free one; printed at start)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the monitor and its dashboard")
     add_policy_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -151,7 +152,7 @@ def cmd_demo(args) -> int:
     prefix = args.prefix or f"exitflow.demo{int(time.time())}."
     topics = Topics(prefix)
     logs = Path(tempfile.mkdtemp(prefix="exitflow-demo-"))
-    broker = redis = None
+    broker = redis = monitor = None
     procs: dict[str, subprocess.Popen] = {}
     interrupted = []
     signal.signal(signal.SIGTERM, lambda *_: interrupted.append(1))
@@ -171,14 +172,31 @@ def cmd_demo(args) -> int:
         control = PolicyControl(redis_lib.Redis.from_url(url))
         control.use(spec.name, spec.params, cost=spec.cost, cost_overrides=spec.cost_overrides,
                     num_layers=meta["num_layers"], num_classes=meta["num_classes"])
+        if not args.no_dashboard:
+            from monitoring.service import Monitor
+            monitor = Monitor(bootstrap, redis_url=url, prefix=prefix, port=args.dashboard_port).start()
+            print(f"exitflow demo: live dashboard at {monitor.url}", file=sys.stderr)
+            _open_browser(monitor.url)
+        from stream.infra import free_port, port_open
+        metrics_ports: dict[str, int] = {}
         cli = [sys.executable, "-m", "stream.cli"]
         common = ["--bootstrap", bootstrap, "--redis-url", url, "--prefix", prefix]
         worker = ["--model", str(model_dir), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
                   "--policy", spec.name, "--cost-model", spec.cost]
-        for i in range(args.device_workers):
-            procs[f"device{i}"] = _spawn(cli + ["worker", "device"] + worker + common, logs / f"device{i}.log")
-        for stage in ("cloud", "edge"):
-            procs[stage] = _spawn(cli + ["worker", stage] + worker + common, logs / f"{stage}.log")
+        names = [f"device{i}" for i in range(args.device_workers)] + ["cloud", "edge"]
+        for name in names:
+            metrics_ports[name] = free_port()
+            stage = name.rstrip("0123456789")
+            procs[name] = _spawn(cli + ["worker", stage, "--metrics-port", str(metrics_ports[name])] + worker + common,
+                                 logs / f"{name}.log")
+        # The workers serve metrics once their model is loaded: start the stream then, so samples/s is the
+        # pipeline's, not the model loading's.
+        ready_by = time.monotonic() + 300
+        while not all(port_open("127.0.0.1", p) for p in metrics_ports.values()) and time.monotonic() < ready_by:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise InfraError(f"the {name} worker exited with code {proc.returncode}; see {logs / name}.log")
+            time.sleep(0.2)
         replay = ["replay", "--no-progress", "--limit", str(args.limit), "--rate", str(args.rate)]
         replay += ["--scenario", str(args.scenario)] if args.scenario else \
             [args.dataset or "imdb", "--shuffle", "--seed", str(args.seed)] + (["--split", args.split] if args.split else [])
@@ -227,7 +245,8 @@ def cmd_demo(args) -> int:
         consumer.close()
         result = summary.as_dict()
         result.update({"policy": spec.name, "params": spec.params, "cost_model": spec.cost, "expected": expected,
-                       "complete": len(summary.results) >= expected, "logs": str(logs)})
+                       "complete": len(summary.results) >= expected, "logs": str(logs),
+                       "metrics_ports": metrics_ports, "dashboard": monitor.url if monitor else None})
         _print_summary(result)
         if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +256,8 @@ def cmd_demo(args) -> int:
         print("exitflow demo: interrupted, stopping", file=sys.stderr)
         return 130
     finally:
+        if monitor is not None:
+            monitor.stop()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -249,6 +270,13 @@ def cmd_demo(args) -> int:
             redis.stop()
         if broker:
             broker.stop()
+
+
+def _open_browser(url: str) -> None:
+    """Open the dashboard where there is a screen to open it on; on a headless machine the URL is printed."""
+    if os.environ.get("DISPLAY") or sys.platform == "darwin":
+        import webbrowser
+        webbrowser.open(url)
 
 
 def _print_summary(s: dict) -> None:
