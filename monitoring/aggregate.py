@@ -110,7 +110,8 @@ class Aggregate:
                 if latency is not None:
                     bucket.latency_sum += latency
             self.drift.observe_result(rec, time=ts)
-            keep = {"prediction": rec["prediction"], "seq": rec.get("seq"), "source": rec.get("source"), "ts": ts}
+            keep = {"prediction": rec["prediction"], "seq": rec.get("seq"), "source": rec.get("source"), "ts": ts,
+                    "version": (rec.get("policy") or {}).get("version")}
             for pair in self.join.add_result(sid, keep, now):
                 self._score(pair)
 

@@ -28,13 +28,14 @@ class Signals:
     offload: np.ndarray
     distance: np.ndarray
     error: np.ndarray
+    layer: np.ndarray  # the device layer where the policy decided (the stratum of confidence and offload)
 
     def __len__(self) -> int:
         return len(self.offload)
 
     @classmethod
     def concat(cls, parts: Sequence["Signals"]) -> "Signals":
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in SIGNALS))
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
 
 
 class _Runner:
@@ -48,7 +49,7 @@ class _Runner:
 
 def replay(probs: np.ndarray, labels: np.ndarray | None, policy_name: str = "static-maxprob",
            params: dict | None = None, cost: str = "splitee", batch: int = 32) -> tuple[np.ndarray, ...]:
-    """Decide every sample with a policy; returns (decision confidence, offloaded, prediction) arrays."""
+    """Decide every sample with a policy; returns (decision confidence, offloaded, prediction, decision layer)."""
     from policies.base import Observation, StateView
     from policies.engine import feedback_event, remote_trace, run_device, run_remote
     from policies.registry import build
@@ -62,6 +63,7 @@ def replay(probs: np.ndarray, labels: np.ndarray | None, policy_name: str = "sta
     conf = np.full(n, NAN)
     offloaded = np.zeros(n)
     pred = np.zeros(n, dtype=np.int64)
+    decided = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
         obs = [Observation(str(i), num_layers) for i in idx]
@@ -76,14 +78,14 @@ def replay(probs: np.ndarray, labels: np.ndarray | None, policy_name: str = "sta
                 state.add(policy.learn(event, state))
         for k, o in enumerate(outcomes):
             i = idx[k]
-            layer = o.observation.layer
+            layer = decided[i] = o.observation.layer
             if layer in o.observation.probs:
                 conf[i] = float(np.max(o.observation.probs[layer]))
             if o.offloaded:
                 offloaded[i] = 1.0
             else:
                 pred[i] = int(np.argmax(o.observation.probs[layer]))
-    return conf, offloaded, pred
+    return conf, offloaded, pred, decided
 
 
 def nearest_centroid_distance(embeddings: np.ndarray, reference: np.ndarray, ref_classes: np.ndarray) -> np.ndarray:
@@ -95,26 +97,28 @@ def nearest_centroid_distance(embeddings: np.ndarray, reference: np.ndarray, ref
 
 def signals_for(probs: np.ndarray, labels: np.ndarray | None, embeddings: np.ndarray | None,
                 reference: tuple[np.ndarray, np.ndarray] | None, **policy) -> Signals:
-    conf, offloaded, pred = replay(probs, labels, **policy)
+    conf, offloaded, pred, layer = replay(probs, labels, **policy)
     error = (pred != labels).astype(float) if labels is not None else np.full(len(pred), NAN)
     if embeddings is not None and reference is not None:
         distance = nearest_centroid_distance(embeddings, *reference)
     else:
         distance = np.full(len(pred), NAN)
-    return Signals(conf, offloaded, distance, error)
+    return Signals(conf, offloaded, distance, error, layer)
 
 
 def detect(signals: Signals, detectors: dict[str, tuple[DetectorSpec, ...]] | None = None,
-           sources: Sequence[str] | None = None) -> list:
-    """Feed the signals sample by sample (label-free ones first, the error as if its label joined)."""
+           sources: Sequence[str] | None = None, stratify: bool = True) -> list:
+    """Feed the signals sample by sample, as the monitor does (label-free ones first, then the error as if its
+    label had just joined; confidence and offload per decision layer)."""
     mon = DriftMonitor(detectors)
     events = []
     for i in range(len(signals)):
         src = sources[i] if sources is not None else None
-        for signal in SIGNALS:
+        layer = f"v1:L{signals.layer[i]}" if stratify else None
+        for signal, stratum in (("confidence", layer), ("offload", layer), ("distance", None), ("error", "v1")):
             value = getattr(signals, signal)[i]
             if not np.isnan(value):
-                events += mon.update(signal, value, seq=i, source=src, time=float(i))
+                events += mon.update(signal, value, seq=i, source=src, time=float(i), stratum=stratum)
     return events
 
 
@@ -131,10 +135,14 @@ class Score:
         return 1e4 * self.false_alarms / max(self.samples, 1)
 
 
-def score(events, boundaries: Sequence[int], n: int, tolerance: int) -> list[Score]:
-    """Per (signal, detector) and per signal with any detector: delay at each boundary, false alarms."""
-    keys = sorted({(e.signal, e.detector) for e in events})
-    keys += sorted({(e.signal, "any") for e in events})
+def score(events, boundaries: Sequence[int], n: int, tolerance: int,
+          detectors: Sequence[tuple[str, str]] = ()) -> list[Score]:
+    """Per (signal, detector) and per signal with any detector: delay at each boundary, false alarms.
+
+    ``detectors`` lists (signal, detector) pairs to report even when they never fired.
+    """
+    pairs = {(e.signal, e.detector) for e in events} | set(detectors)
+    keys = sorted(pairs) + sorted({(signal, "any") for signal, _ in pairs})
     out = []
     for signal, detector in keys:
         seqs = sorted(e.seq for e in events if e.signal == signal and detector in ("any", e.detector))
