@@ -126,9 +126,10 @@ def test_api_numbers_equal_the_records(monitor, stack):
                                                                   {"arm": "3", "pulls": 4.0, "value": 0.25}]}
     assert s["kafka"]["connected"] and s["redis"]["connected"]
     assert sum(p["n"] for p in s["series"]) == N
-    # the shift at seq 200 is seen by the label-free detectors, and nothing before it
+    # the shift at seq 200 is seen by the distance detectors, and nothing fires before it (confidence and
+    # offloads are watched per policy version and decision layer: the swap at 150 leaves them too few samples)
     events = s["drift"]["events"]
-    assert {e["signal"] for e in events} >= {"confidence", "distance"}
+    assert "distance" in {e["signal"] for e in events}
     assert all(e["seq"] >= 200 for e in events), events
     assert json.loads(get(monitor.url + "api/events")[2])["total"] == s["drift"]["total"]
 
@@ -139,7 +140,7 @@ def test_metrics_endpoints_and_read_only_http(monitor, stack):
     _, headers, body = get(monitor.url + "metrics")
     text = body.decode()
     assert f"exitflow_monitor_results_total {float(N)}" in text
-    assert re.search(r'exitflow_drift_detections_total\{detector="\w+",signal="confidence"\} [1-9]', text)
+    assert re.search(r'exitflow_drift_detections_total\{detector="\w+",signal="distance"\} [1-9]', text)
     assert 'exitflow_arm_pulls{arm="2",policy="splitee",stage="monitor"} 30.0' in text
     second = get(f"http://127.0.0.1:{monitor._metrics_server.port}/metrics")[2]
     assert b"exitflow_monitor_joined_total" in second

@@ -216,7 +216,7 @@ function render(s) {
   armBars($("chart-arms"), arms);
   rows("#arms tbody", arms, (a) => [a.arm, fmt(a.pulls, 0), fmt(a.value, 3)]);
   rows("#drift tbody", s.drift.events.slice(-12).reverse(),
-       (e) => [clock(e.time), { text: e.signal, cls: "drift" }, e.detector, e.seq ?? "–", e.source ?? "–"]);
+       (e) => [clock(e.time), { text: e.signal, cls: "drift" }, e.stratum ?? "–", e.detector, e.seq ?? "–", e.source ?? "–"]);
   rows("#sources tbody", Object.entries(s.sources), ([k, v]) => [k || "(none)", fmtInt(v)]);
   setText("join", `labels joined ${fmtInt(acc.labelled)} · waiting: ${fmtInt(acc.pending_results)} results, ` +
     `${fmtInt(acc.pending_labels)} labels · never labelled ${fmtInt(acc.unlabelled)} · labels without result ${fmtInt(acc.orphan_labels)}`);
