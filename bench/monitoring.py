@@ -186,7 +186,7 @@ def cmd_drift(args) -> int:
         pairs = [(sig, spec.kind) for sig, group in detectors.items() for spec in group if any(sig in h for h in has)]
         # the stream with its shifts: delay at each boundary, detections away from them
         signals = drifteval.Signals.concat(parts)
-        boundaries = list(np.cumsum([len(p) for p in parts])[:-1])
+        boundaries = [int(b) for b in np.cumsum([len(p) for p in parts])[:-1]]
         events = drifteval.detect(signals, detectors, sources=[s for src in sources for s in src])
         n_shift += len(signals)
         for sc in drifteval.score(events, boundaries, len(signals), args.tolerance, pairs):
@@ -253,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--kswin", action="store_true", help="also run KSWIN on confidence and distance (slow)")
     d.add_argument("--json", help="write the table here")
     d.set_defaults(func=cmd_drift)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # `python -m bench` runs every bench with its defaults
+        code = main(["metrics"])
+        directory = Path(d.get_default("matrices")).expanduser()
+        found = [p for p in (_find(directory, "sst2", "dev"), _find(directory, "imdb")) if p]
+        if len(found) < 2:
+            print(f"no SST-2 dev and IMDb confidence matrices in {directory}: drift on synthetic segments")
+        return main(["drift"] + ([] if len(found) == 2 else ["--synthetic", "--repeats", "3"])) or code
     args = parser.parse_args(argv)
     if args.what == "drift" and args.set is None and args.policy == "static-maxprob":
         args.set = ["threshold=0.9", "max_layer=3"]

@@ -133,3 +133,21 @@ def test_replay_through_a_policy_detects_the_segment_boundary():
     for signal in ("confidence", "offload", "distance", "error"):
         assert rows[(signal, "any")].delays[0] is not None, signal
         assert rows[(signal, "any")].false_alarms == 0, signal
+
+
+def test_bench_commands_run(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "monitoring.py"
+    spec = importlib.util.spec_from_file_location("bench_monitoring", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
+    assert main(["drift", "--synthetic", "--repeats", "1", "--json", str(tmp_path / "drift.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FA/10k stationary" in out and "sst2-like" in out
+    import json
+    rows = json.loads((tmp_path / "drift.json").read_text())["rows"]
+    assert {r["signal"] for r in rows} == {"confidence", "offload", "distance", "error"}
+    assert main(["metrics", "--samples", "2000", "--sample-ms", "1.0", "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["cost_us"]["per_sample_us"] < 50
