@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import mimetypes
+import re
 import threading
 import time
 from http import HTTPStatus
@@ -354,25 +355,30 @@ def _result_order(msg: dict[str, Any]) -> tuple[float, int]:
     return (float(msg.get("ts") or 0.0), msg.get("seq") if isinstance(msg.get("seq"), int) else 0)
 
 
-def arms_from_state(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Arms of a bandit's state hash: fields ``<stat>:<arm>``; pulls are ``n``, value is ``s / n``.
+ARM_FIELD = re.compile(r"([a-z]+)[:_]?(\d+)")
 
-    >>> arms_from_state({"n:3": 4.0, "s:3": 2.0, "n:1": 2.0, "s:1": 1.5, "t": 6.0})
-    [{'arm': '1', 'pulls': 2.0, 'value': 0.75}, {'arm': '3', 'pulls': 4.0, 'value': 0.5}]
+
+def arms_from_state(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Arms of a bandit's state hash: fields ``<stat><arm>`` (``n3``, also ``n:3``/``n_3``) for numbered arms;
+    pulls are ``n`` (completed), ``p`` pending, value is ``s / n`` (mean reward).
+
+    >>> arms_from_state({"n3": 4.0, "s3": 2.0, "p3": 1.0, "n1": 2.0, "s1": 1.5, "t": 7.0, "n_edge": 3.0})
+    [{'arm': '1', 'pulls': 2.0, 'pending': 0.0, 'value': 0.75}, {'arm': '3', 'pulls': 4.0, 'pending': 1.0, 'value': 0.5}]
     """
-    by_arm: dict[str, dict[str, float]] = {}
+    by_arm: dict[int, dict[str, float]] = {}
     for field, value in state.items():
-        stat, sep, arm = field.partition(":")
-        if sep and arm and not hasattr(value, "shape"):
-            by_arm.setdefault(arm, {})[stat] = float(value)
+        match = ARM_FIELD.fullmatch(field)
+        if match and not hasattr(value, "shape"):
+            by_arm.setdefault(int(match.group(2)), {})[match.group(1)] = float(value)
     out = []
-    for arm, stats in by_arm.items():
-        if "n" not in stats:
+    for arm in sorted(by_arm):
+        stats = by_arm[arm]
+        if "n" not in stats and "p" not in stats:
             continue
-        n = stats["n"]
-        value = stats["s"] / n if "s" in stats and n else stats.get("mean", stats.get("q"))
-        out.append({"arm": arm, "pulls": n, "value": value})
-    return sorted(out, key=lambda a: (not a["arm"].isdigit(), int(a["arm"]) if a["arm"].isdigit() else 0, a["arm"]))
+        n = stats.get("n", 0.0)
+        value = stats["s"] / n if "s" in stats and n else stats.get("q")
+        out.append({"arm": str(arm), "pulls": n, "pending": stats.get("p", 0.0), "value": value})
+    return out
 
 
 def _safe_url(url: str | None) -> str:

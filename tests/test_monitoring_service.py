@@ -73,7 +73,8 @@ def stack(broker, redis_server, topic_prefix):
     client = redis_server.client()
     from policies.control import PolicyControl
     PolicyControl(client).use("static-maxprob", {"threshold": 0.85})
-    client.hset(f"exitflow:state:{NS}", mapping={"n:1": 10, "s:1": 5.5, "n:2": 30, "s:2": 24.0, "n:3": 4, "s:3": 1.0})
+    client.hset(f"exitflow:state:{NS}", mapping={"t": 45, "n1": 10, "s1": 5.5, "n2": 30, "s2": 24.0, "n3": 4, "s3": 1.0,
+                                                 "p3": 1})
     return {"topics": topics, "pairs": pairs, "missing": missing, "redis": client}
 
 
@@ -121,9 +122,10 @@ def test_api_numbers_equal_the_records(monitor, stack):
     assert s["sources"] == {"sst2": 200, "imdb": 100}
     assert s["policy"]["active"]["name"] == "static-maxprob" and s["policy"]["active"]["version"] == 1
     assert [(w["version"], w["seq"]) for w in s["policy"]["swaps"]] == [(1, 0), (2, 150)]
-    assert s["arms"] == {"policy": "splitee", "ns": NS, "arms": [{"arm": "1", "pulls": 10.0, "value": 0.55},
-                                                                  {"arm": "2", "pulls": 30.0, "value": 0.8},
-                                                                  {"arm": "3", "pulls": 4.0, "value": 0.25}]}
+    assert s["arms"] == {"policy": "splitee", "ns": NS, "arms": [
+        {"arm": "1", "pulls": 10.0, "pending": 0.0, "value": 0.55},
+        {"arm": "2", "pulls": 30.0, "pending": 0.0, "value": 0.8},
+        {"arm": "3", "pulls": 4.0, "pending": 1.0, "value": 0.25}]}
     assert s["kafka"]["connected"] and s["redis"]["connected"]
     assert sum(p["n"] for p in s["series"]) == N
     # the shift at seq 200 is seen by the distance detectors, and nothing fires before it (confidence and

@@ -214,7 +214,8 @@ function render(s) {
   const arms = (s.arms && s.arms.arms) || [];
   setText("arms-ns", s.arms ? s.arms.ns : "");
   armBars($("chart-arms"), arms);
-  rows("#arms tbody", arms, (a) => [a.arm, fmt(a.pulls, 0), fmt(a.value, 3)]);
+  rows("#arms tbody", arms, (a) => [a.arm, fmt(a.pulls, 0) + (a.pending ? ` (+${fmt(a.pending, 0)} pending)` : ""),
+                                    fmt(a.value, 3)]);
   rows("#drift tbody", s.drift.events.slice(-12).reverse(),
        (e) => [clock(e.time), { text: e.signal, cls: "drift" }, e.stratum ?? "–", e.detector, e.seq ?? "–", e.source ?? "–"]);
   rows("#sources tbody", Object.entries(s.sources), ([k, v]) => [k || "(none)", fmtInt(v)]);
