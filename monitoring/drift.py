@@ -69,10 +69,10 @@ def kswin(alpha: float = 1e-5, window: int = 400, every: int = 1) -> DetectorSpe
 
 # Tuned on SST-2 dev → IMDb → AG News replays of confidence matrices through static-maxprob
 # (python -m bench.monitoring drift): Page-Hinkley thresholds are in standard deviations of a
-# 200-sample warm-up; binary signals get a floor on that deviation so rare events do not explode it.
+# warm-up window; binary signals get a floor on that deviation so rare events do not explode it.
 DEFAULT_DETECTORS: dict[str, tuple[DetectorSpec, ...]] = {
-    "confidence": (_adwin(), _ph(threshold=30, delta=0.25)),
-    "offload": (_adwin(), _ph(threshold=40, delta=0.1, min_std=0.3)),
+    "confidence": (_adwin(), _ph(threshold=30, delta=0.25, warmup=100)),   # per stratum: shorter warm-up
+    "offload": (_adwin(), _ph(threshold=40, delta=0.1, warmup=100, min_std=0.3)),
     "distance": (_adwin("unit"), _ph(threshold=30, delta=0.25)),
     "error": (_adwin(), _ph(threshold=40, delta=0.1, min_std=0.3)),
 }
