@@ -4,9 +4,9 @@ Signals: ``confidence`` (max class probability at the exit where the policy deci
 (1 when the sample left the device), ``distance`` (DIMEE distance to the nearest centroid, when the
 policy reports it) and ``error`` (1 when the prediction missed the label; evaluation only).
 
-Each detector sees one signal. Page-Hinkley (and KSWIN, when configured) get the signal standardised with the mean and
-standard deviation of a warm-up window, so one threshold (in standard deviations) suits signals of any
-scale; after a detection the warm-up starts again on the new regime. ADWIN reads the raw [0, 1]
+Each detector sees one signal. Page-Hinkley (and KSWIN, when configured) get the signal standardised
+with the mean and standard deviation of a warm-up window, so one threshold (in standard deviations)
+suits signals of any scale; after a detection the warm-up starts again on the new regime. ADWIN reads the raw [0, 1]
 signals and the distance scaled to the warm-up's range. A detector that fired stays quiet for
 ``cooldown`` observations, so one shift yields one event per detector rather than a burst.
 
