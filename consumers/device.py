@@ -125,12 +125,12 @@ class DeviceWorker(StageWorker):
         policy_ref = {"name": self.spec.name, "version": self.spec.version, "ns": ns}
         for i, ((record, msg), outcome) in enumerate(zip(samples, outcomes)):
             if isinstance(outcome.action, Exit):
-                value = messages.encode("result", result_record(
-                    msg, outcome.trace, policy.cost, outcome.probs, outcome.observation.layer, policy_ref,
-                    decision=outcome.observation, latency_device_ms=elapsed_ms, stage=self.stage))
-                out = envelope(self.topics.results, msg["id"], value)
+                record_ = result_record(msg, outcome.trace, policy.cost, outcome.probs, outcome.observation.layer,
+                                        policy_ref, decision=outcome.observation, latency_device_ms=elapsed_ms,
+                                        stage=self.stage, embedding_distance=outcome.context.get("distance"))
+                out = envelope(self.topics.results, msg["id"], messages.encode("result", record_))
                 if self.metrics:
-                    self.metrics.result(messages.decode("result", value))
+                    self.metrics.result(record_)
             else:
                 out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms)
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"device:{msg['id']}",

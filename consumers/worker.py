@@ -77,12 +77,17 @@ def dlq_envelope(topics: Topics, stage: str, record, reason: str) -> bytes:
     return envelope(topics.dlq, key, messages.encode("dlq", payload))
 
 
+REASON_KINDS = (("duplicate", "duplicate"), ("schema version", "schema"), ("tensor", "tensor"),
+                ("hidden state", "tensor"), ("exceeds the limit", "size"), ("over the limit", "size"),
+                ("could not decode", "decode"), ("policy", "policy"), ("lacks required", "schema"),
+                ("must be", "schema"), ("empty", "empty"))
+
+
 def reason_kind(reason: str) -> str:
     """A bounded label for a DLQ reason (metrics never carry free text)."""
-    for kind in ("duplicate", "schema version", "tensor", "exceeds the limit", "lacks required", "must be",
-                 "could not decode", "empty", "policy"):
-        if kind in reason:
-            return kind.replace(" ", "_")
+    for needle, kind in REASON_KINDS:
+        if needle in reason:
+            return kind
     return "other"
 
 
