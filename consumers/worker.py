@@ -224,6 +224,14 @@ class StageWorker:
             self.metrics.batch(len(fresh))
             for _ in dups:
                 self.metrics.dlq("duplicate")
+            self._report_lag()
+
+    def _report_lag(self) -> None:
+        """Consumer lag per assigned partition, from the high watermark the last fetch returned."""
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                self.metrics.lag(tp.topic, tp.partition, max(0, high - self._consumer.position(tp)))
 
     def _commit(self, commits: list[SampleCommit], offsets: dict[str, int]) -> set[int] | None:
         """The atomic Redis commit, retried while Redis is unreachable.
