@@ -3,7 +3,8 @@
 Inputs are real IMDb test reviews (shuffled with seed 0) truncated to --max-len tokens (128 by
 default; nearly every review is longer, so batches are full-length). A prefix of k layers is
 ``start`` + layers 1..k with every exit evaluated, i.e. what the device stage does for a sample
-that exits at layer k. Prints a table and writes artifacts/bench_model.json.
+that exits at layer k. Also re-measures how much a float16 round trip of the hidden state moves the
+exit probabilities (SST-2 dev). Prints a table and writes artifacts/bench_model.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,28 @@ def _time(fn, batches, repeats: int) -> float:
     return best
 
 
+def fp16_round_trip(model, ds, max_len: int, batch_size: int = 64) -> dict:
+    """Max abs exit-probability change when the hidden state after layer k travels as float16, k = 1..L-1."""
+    import torch
+
+    from stream.train import _batch, _eval_batches
+
+    layers = model.num_layers
+    worst = [0.0] * (layers - 1)
+    flips = 0
+    with torch.inference_mode():
+        for idx in _eval_batches(model, ds, max_len, batch_size):
+            hidden, mask = model.start(_batch(model, ds, idx, max_len))
+            _, exact = model.run(hidden, mask, 0, layers)
+            for k in range(1, layers):
+                hidden, _ = model.run(hidden, mask, k - 1, k, exits=[])
+                _, resumed = model.run(hidden.half(), mask, k, layers)
+                worst[k - 1] = max(worst[k - 1], max((resumed[j] - exact[j]).abs().max().item() for j in resumed))
+                flips += int((resumed[layers].argmax(-1) != exact[layers].argmax(-1)).sum())
+    return {"dataset": f"{ds.name}/{ds.split}", "samples": len(ds), "max_abs_prob_diff_by_split_layer":
+            {k: round(d, 6) for k, d in enumerate(worst, start=1)}, "final_exit_prediction_flips": flips}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="samples timed per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--no-fp16", action="store_true", help="skip the float16 round-trip check on SST-2 dev")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_model.json"), help="JSON results")
     args = parser.parse_args(argv)
 
@@ -78,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{r['layers']}" + (" (full)" if r["layers"] == layers else "")
         print(f"{r['batch_size']:>5} {label:>6} {r['samples_per_s']:>10.1f} {r['ms_per_sample']:>10.2f} "
               f"{r['share_of_full']:>14.3f}")
+    fp16 = None
+    if not args.no_fp16:
+        fp16 = fp16_round_trip(model, datasets.load("sst2", "dev"), args.max_len)
+        print(f"float16 hidden-state round trip on {fp16['dataset']} ({fp16['samples']} samples): max abs exit-"
+              f"probability change by split layer {fp16['max_abs_prob_diff_by_split_layer']}, "
+              f"{fp16['final_exit_prediction_flips']} final-exit predictions changed")
     result = {"bench": "model", "model": source, "num_layers": layers, "inputs": "imdb test, shuffled seed 0",
               "max_len": args.max_len, "samples": len(texts), "threads": args.threads, "repeats": args.repeats,
               "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows}
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows, "fp16_round_trip": fp16}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from stream.errors import ConfigError, ModelError
@@ -105,25 +104,21 @@ def _threads(n: int) -> None:
 
 def cmd_train(args) -> int:
     from stream import datasets
-    from stream.model import MultiExitModel
-    from stream.train import TrainConfig, make_card, select_train, train
+    from stream.train import TrainConfig, fine_tune, load_splits
 
     _threads(args.threads)
-    weights = tuple(float(w) for w in args.exit_weights.split(",")) if args.exit_weights else None
+    try:
+        weights = tuple(float(w) for w in args.exit_weights.split(",")) if args.exit_weights else None
+    except ValueError:
+        raise ConfigError(f"--exit-weights: expected comma-separated numbers, got {args.exit_weights!r}") from None
     config = TrainConfig(epochs=args.epochs, max_len=args.max_len, batch_size=args.batch_size, lr=args.lr,
                          exit_weights=weights, seed=args.seed)
-    generic = ":" in args.dataset
-    train_ds = _load_dataset(args, args.dataset, None if generic else datasets.default_split(args.dataset, "train"))
-    dev_ds = None if generic else datasets.load(args.dataset, datasets.default_split(args.dataset))
-    selected = select_train(train_ds, args.limit, args.min_words, args.seed)
-    model = MultiExitModel.from_backbone(args.backbone, train_ds.num_classes, args.seed, train_ds.label_names,
-                                         args.pooling)
-    print(f"training {args.backbone} ({model.num_layers} exits) on {len(selected)} samples of "
-          f"{train_ds.name}/{train_ds.split}", file=sys.stderr)
-    summary = train(model, selected, config, dev_ds)
-    model.card = make_card(model, selected, config, summary, min_words=args.min_words,
-                           dev_split=dev_ds.split if dev_ds is not None else None)
-    model.save(args.out)
+    if args.dataset.partition(":")[0] in datasets.GENERIC:
+        train_ds, dev_ds = _load_dataset(args, args.dataset, None), None
+    else:
+        train_ds, dev_ds = load_splits(args.dataset)
+    _, summary = fine_tune(args.backbone, train_ds, dev_ds, args.out, config, args.limit, args.min_words,
+                           args.pooling)
     _print_accuracy(summary.get("dev_accuracy"), dev_ds.split if dev_ds is not None else None)
     print(f"saved {args.out} (training {summary['train_time_s']} s)")
     return 0
@@ -151,6 +146,8 @@ def cmd_export_matrix(args) -> int:
 
 def model_info(directory: Path) -> dict:
     """What `exitflow model info --json` prints (without loading the weights)."""
+    from safetensors import safe_open
+
     from stream.model import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
 
     if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
@@ -158,8 +155,6 @@ def model_info(directory: Path) -> dict:
                          "create the default one with `exitflow model prepare`")
     meta = json.loads((directory / CONFIG_FILE).read_text())
     card = json.loads((directory / CARD_FILE).read_text()) if (directory / CARD_FILE).is_file() else {}
-    from safetensors import safe_open
-
     with safe_open(str(directory / WEIGHTS_FILE), framework="np") as f:
         parameters = sum(int(_numel(f.get_slice(k).get_shape())) for k in f.keys())
     return {"path": str(directory.resolve()), "backbone": card.get("backbone", {}), "layers": meta["num_layers"],

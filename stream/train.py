@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -48,8 +50,8 @@ class TrainConfig:
 # The recipe of `exitflow model prepare`: about 6-7 minutes of training on 2 cores (see README).
 DEFAULT_RECIPE = {
     "dataset": "sst2",
-    "limit": 24000,       # train phrases used
-    "min_words": 6,       # prefer sentence-like phrases over 1-5 word fragments
+    "limit": 30000,       # train phrases used (of 67,349)
+    "min_words": 0,       # keep short fragments too: with min_words=6 dev was 86.7% vs 88.0%, IMDb equal
     "config": TrainConfig(epochs=1, max_len=64, batch_size=32, lr=1e-4, seed=0),
 }
 
@@ -211,19 +213,29 @@ def make_card(model: MultiExitModel, train_ds: Dataset, config: TrainConfig, sum
     return card
 
 
-def fine_tune(backbone: str, dataset: str, out: Path, config: TrainConfig, limit: int | None = None,
-              min_words: int = 0, pooling: str = "mean", progress: bool = True) -> tuple[MultiExitModel, dict]:
-    """Load a dataset's train and dev splits, fine-tune a fresh model, save it with its card."""
-    train_ds = datasets.load(dataset, datasets.default_split(dataset, "train"))
-    dev_split = datasets.default_split(dataset)
-    dev_ds = datasets.load(dataset, dev_split) if dev_split != "train" else None
+def fine_tune(backbone: str, train_ds: Dataset, dev_ds: Dataset | None, out: Path, config: TrainConfig,
+              limit: int | None = None, min_words: int = 0, pooling: str = "mean",
+              progress: bool = True) -> tuple[MultiExitModel, dict]:
+    """Fine-tune a fresh model on (a selection of) ``train_ds``, evaluate it on ``dev_ds``, save it with its card."""
+    start = time.perf_counter()
     selected = select_train(train_ds, limit, min_words, config.seed)
     model = MultiExitModel.from_backbone(backbone, train_ds.num_classes, config.seed, train_ds.label_names, pooling)
+    if progress:
+        print(f"training {backbone} ({model.num_layers} exits) on {len(selected)} samples of "
+              f"{train_ds.name}/{train_ds.split}", file=sys.stderr)
     summary = train(model, selected, config, dev_ds, progress)
     model.card = make_card(model, selected, config, summary, min_words=min_words,
-                           dev_split=dev_split if dev_ds is not None else None)
+                           dev_split=dev_ds.split if dev_ds is not None else None,
+                           wall_time_s=round(time.perf_counter() - start, 1))
     model.save(out)
     return model, summary
+
+
+def load_splits(name: str) -> tuple[Dataset, Dataset | None]:
+    """A named dataset's train split and its evaluation split (None when it has only train)."""
+    dev_split = datasets.default_split(name)
+    train_ds = datasets.load(name, datasets.default_split(name, "train"))
+    return train_ds, datasets.load(name, dev_split) if dev_split != "train" else None
 
 
 def prepare_default(force: bool = False, progress: bool = True) -> tuple[Path, bool]:
@@ -233,10 +245,10 @@ def prepare_default(force: bool = False, progress: bool = True) -> tuple[Path, b
         return out, False
     recipe = DEFAULT_RECIPE
     tmp = out.with_name(out.name + ".partial")
-    fine_tune("default", recipe["dataset"], tmp, recipe["config"], recipe["limit"], recipe["min_words"],
+    train_ds, dev_ds = load_splits(recipe["dataset"])
+    fine_tune("default", train_ds, dev_ds, tmp, recipe["config"], recipe["limit"], recipe["min_words"],
               progress=progress)
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.replace(out)  # a crash mid-training never leaves a half model under the real name
     return out, True
