@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_model_info)
     p = sub.add_parser("prepare", formatter_class=fmt, help="train the default model if it is missing",
                        description="Fine-tune the default model (all-MiniLM-L6-v2, six exits) on SST-2 into the "
-                       "default model directory, unless it is already there. About 6-7 minutes on 2 CPU cores, "
+                       "default model directory, unless it is already there. About 5-6 minutes on 2 CPU cores, "
                        "including its dev evaluation; later calls reuse it.")
     p.add_argument("--force", action="store_true", help="retrain even if the model exists")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -47,7 +47,7 @@ class TrainConfig:
             raise ConfigError(f"train warmup must be in [0, 1), got {self.warmup!r}")
 
 
-# The recipe of `exitflow model prepare`: about 6-7 minutes of training on 2 cores (see README).
+# The recipe of `exitflow model prepare`: 5 min 19 s on 2 cores, dev evaluation included (310 s training).
 DEFAULT_RECIPE = {
     "dataset": "sst2",
     "limit": 30000,       # train phrases used (of 67,349)
