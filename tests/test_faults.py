@@ -18,9 +18,11 @@ import pytest
 
 from stream import kafka as K
 from stream import messages
-from stream.config import Topics
+from stream.config import Topics, data_dir
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.skipif(
+    not (data_dir() / "SST-2" / "dev.tsv").is_file(),
+    reason="replays SST-2 dev from the shared datasets folder, not found (set EXITFLOW_DATA)")]
 
 
 @pytest.fixture(scope="module")
