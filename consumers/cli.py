@@ -47,6 +47,9 @@ def register(subparsers) -> None:
                    help="exit with code 3 when Kafka or Redis stays unreachable this long (retrying meanwhile)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="labelled in-domain matrix (.npz, e.g. the SST-2 dev calibration); the device worker "
+                   "reports each input's distance to its nearest class centroid, the monitor's drift signal")
     add_policy_args(p)
     add_connection_args(p)
     p.set_defaults(func=cmd_worker)
@@ -85,8 +88,10 @@ def cmd_worker(args) -> int:
     model = load_model(args.model, args.threads)
     metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)
     if args.stage == "device":
-        from consumers.device import DeviceWorker
-        worker = DeviceWorker(config, model, policy_spec(args), max_len=args.max_len, metrics=metrics)
+        from consumers.device import DeviceWorker, reference_centroids
+        reference = reference_centroids(args.reference) if args.reference else None
+        worker = DeviceWorker(config, model, policy_spec(args), max_len=args.max_len, metrics=metrics,
+                              reference=reference)
     else:
         from consumers.remote import RemoteWorker
         worker = RemoteWorker(config, model, args.stage, max_len=args.max_len, metrics=metrics)

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from stream import messages
-from stream.config import Topics, default_model_dir
+from stream.config import Topics, default_model_dir, home
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ def register_demo(subparsers) -> None:
     p.add_argument("--dashboard-port", type=int, default=0,
                    help="port of the live dashboard on 127.0.0.1 (0: a free one; printed at start)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the monitor and its dashboard")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="labelled in-domain matrix for the distance drift signal (default: the SST-2 dev "
+                   "calibration matrix when it exists)")
     add_policy_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -183,12 +186,15 @@ def cmd_demo(args) -> int:
         common = ["--bootstrap", bootstrap, "--redis-url", url, "--prefix", prefix]
         worker = ["--model", str(model_dir), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
                   "--policy", spec.name, "--cost-model", spec.cost]
+        reference = args.reference or home() / "matrices" / "sst2-dev.npz"
+        device_extra = ["--reference", str(reference)] if reference.is_file() else []
         names = [f"device{i}" for i in range(args.device_workers)] + ["cloud", "edge"]
         for name in names:
             metrics_ports[name] = free_port()
             stage = name.rstrip("0123456789")
-            procs[name] = _spawn(cli + ["worker", stage, "--metrics-port", str(metrics_ports[name])] + worker + common,
-                                 logs / f"{name}.log")
+            extra = device_extra if stage == "device" else []
+            procs[name] = _spawn(cli + ["worker", stage, "--metrics-port", str(metrics_ports[name])] + worker + extra
+                                 + common, logs / f"{name}.log")
         # The workers serve metrics once their model is loaded: start the stream then, so samples/s is the
         # pipeline's, not the model loading's.
         ready_by = time.monotonic() + 300

@@ -31,9 +31,10 @@ class DeviceWorker(StageWorker):
     stage = "device"
 
     def __init__(self, config: WorkerConfig, model, default_policy: ActiveSpec, max_len: int = 128,
-                 metrics=None) -> None:
+                 metrics=None, reference: np.ndarray | None = None) -> None:
         super().__init__(config, metrics)
         self.model = model
+        self.reference = reference  # per-class centroids of in-domain input embeddings, for the drift signal
         self.max_len = max_len
         self.control = PolicyControl(self.redis, config.redis_prefix)
         self.spec = self.control.ensure(default_policy, model.num_layers, model.num_classes)
@@ -120,6 +121,7 @@ class DeviceWorker(StageWorker):
             outcomes = run_device(policy, state, observations, runner)
             lengths = mask.sum(1).tolist()
             final_hidden = box["hidden"]
+        distances = reference_distance(embeddings, self.reference)
         elapsed_ms = (time.time() - started) * 1000.0
         commits = []
         policy_ref = {"name": self.spec.name, "version": self.spec.version, "ns": ns}
@@ -127,19 +129,19 @@ class DeviceWorker(StageWorker):
             if isinstance(outcome.action, Exit):
                 record_ = result_record(msg, outcome.trace, policy.cost, outcome.probs, outcome.observation.layer,
                                         policy_ref, decision=outcome.observation, latency_device_ms=elapsed_ms,
-                                        stage=self.stage, embedding_distance=outcome.context.get("distance"))
+                                        stage=self.stage, embedding_distance=distances[i])
                 out = envelope(self.topics.results, msg["id"], messages.encode("result", record_))
                 if self.metrics:
                     self.metrics.result(record_)
             else:
-                out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms)
+                out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms, distances[i])
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"device:{msg['id']}",
                                         updates=encode_updates(ns, outcome.delta), outputs=[out], record=record))
         if self.metrics:
             self.metrics.latency(elapsed_ms / 1000.0)
         return commits
 
-    def _offload(self, msg: dict, outcome, hidden, elapsed_ms: float) -> bytes:
+    def _offload(self, msg: dict, outcome, hidden, elapsed_ms: float, distance: float | None) -> bytes:
         import torch
         action, obs = outcome.action, outcome.observation
         payload = {"id": msg["id"], "source": msg.get("source", ""), "seq": msg.get("seq"),
@@ -153,7 +155,7 @@ class DeviceWorker(StageWorker):
                    "trace": {"device_layers": outcome.trace.device_layers,
                              "device_exits": outcome.trace.device_exits, "tier": outcome.trace.tier},
                    "decision": _decision(obs),
-                   "embedding_distance": outcome.context.get("distance"),
+                   "embedding_distance": distance,
                    "ts": msg["ts"], "latency_device_ms": elapsed_ms}
         if obs.layer == 0:
             payload["text"] = msg["text"]
@@ -198,6 +200,24 @@ class DeviceWorker(StageWorker):
                                 dict(spec.get("cost_overrides") or {}))
             self._feedback_policies[key] = active.build(self.model.num_layers, self.model.num_classes)
         return self._feedback_policies[key]
+
+
+def reference_centroids(path) -> np.ndarray:
+    """Per-class centroids of the input embeddings of a labelled matrix (e.g. the SST-2 dev calibration)."""
+    from stream.errors import DataError
+    from stream.matrix import ConfidenceMatrix
+    matrix = ConfidenceMatrix.load(path)
+    if matrix.embeddings is None or matrix.labels is None:
+        raise DataError(f"{path}: a reference matrix needs embeddings and labels")
+    return np.stack([matrix.embeddings[matrix.labels == c].mean(0) for c in np.unique(matrix.labels)])
+
+
+def reference_distance(embeddings: np.ndarray, centroids: np.ndarray | None) -> list[float | None]:
+    """Distance of each input embedding to its nearest reference centroid: the unsupervised drift signal."""
+    if centroids is None:
+        return [None] * len(embeddings)
+    d = np.linalg.norm(embeddings[:, None, :] - centroids[None, :, :], axis=-1).min(1)
+    return [float(x) for x in d]
 
 
 def _decision(obs: Observation) -> dict:

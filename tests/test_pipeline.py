@@ -108,7 +108,8 @@ def test_replay_device_cloud_results(broker, redis_server, topic_prefix, tiny_mo
     K.create_topics(broker.bootstrap, Topics(topic_prefix).all(), partitions=2)
     threshold = _median_threshold(tiny_model)  # about half exit at layer 1-2, the rest offload
     policy = _policy("static-maxprob", threshold=threshold, max_layer=2)
-    device = DeviceWorker(_config(broker, redis_server, topic_prefix), tiny_model, policy)
+    reference = np.zeros((2, tiny_model.hidden_size))  # distance to the origin: the embedding's norm
+    device = DeviceWorker(_config(broker, redis_server, topic_prefix), tiny_model, policy, reference=reference)
     cloud = RemoteWorker(_config(broker, redis_server, topic_prefix), tiny_model, "cloud")
     threads = [_start(device), _start(cloud)]
     assert _replay(broker, topic_prefix) == N
@@ -117,6 +118,7 @@ def test_replay_device_cloud_results(broker, redis_server, topic_prefix, tiny_mo
     assert len(ids) == N and max(ids.values()) == 1, "every sample exactly once"
     tiers = Counter(r["tier"] for r in results)
     assert tiers["device"] > 0 and tiers["cloud"] > 0, tiers
+    assert all(isinstance(r["embedding_distance"], float) and r["embedding_distance"] > 0 for r in results)
 
     # The cloud resumed from the float16 hidden state: same answer as one uninterrupted pass.
     ds = datasets.shuffle_limit(datasets.load("sst2", "dev"), True, 1, N)
