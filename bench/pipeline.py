@@ -28,6 +28,7 @@ def raw_throughput(model, texts: list[str], spec, batch_size: int, max_len: int)
     import torch
 
     from policies.base import Observation, Offload, StateView
+    from consumers.runner import ModelRunner
     from policies.engine import run_device, run_remote
 
     policy = spec.build(model.num_layers, model.num_classes)
@@ -40,29 +41,15 @@ def raw_throughput(model, texts: list[str], spec, batch_size: int, max_len: int)
             batch = model.tokenize(chunk, max_len=max_len)
             emb = model.embed(batch).numpy()
             hidden, mask = model.start(batch)
-            box = {"h": hidden}
-
-            def runner(idx, a, b, exits):
-                ix = torch.tensor(idx)
-                out, probs = model.run(box["h"][ix], mask[ix], a, b, exits)
-                box["h"][ix] = out
-                return [{k: v[j].numpy() for k, v in probs.items()} for j in range(len(idx))]
-
+            runner = ModelRunner(model, hidden, mask)
             obs = [Observation(f"raw{lo + i}", model.num_layers, embedding=emb[i]) for i in range(len(chunk))]
             outcomes = run_device(policy, state, obs, runner)
             layers["device"] += sum(o.trace.device_layers for o in outcomes)
             off = [i for i, o in enumerate(outcomes) if isinstance(o.action, Offload)]
             if off:
                 # The remote side resumes from the (float16 round-tripped) hidden states, like the cloud worker.
-                sub = {"h": box["h"][torch.tensor(off)].half().float()}
-                submask = mask[torch.tensor(off)]
-
-                def remote_runner(idx, a, b, exits):
-                    ix = torch.tensor(idx)
-                    out, probs = model.run(sub["h"][ix], submask[ix], a, b, exits)
-                    sub["h"][ix] = out
-                    return [{k: v[j].numpy() for k, v in probs.items()} for j in range(len(idx))]
-
+                rows = torch.tensor(off)
+                remote_runner = ModelRunner(model, runner.hidden[rows].half().float(), mask[rows])
                 remote = run_remote([outcomes[i].observation.layer for i in off],
                                     [outcomes[i].action for i in off], model.num_layers, remote_runner)
                 layers["remote"] += sum(r.layers_run for r in remote)

@@ -19,6 +19,7 @@ from stream.checkpoint import SampleCommit, encode_updates
 from stream.errors import ConfigError, MessageError
 
 from consumers.records import result_record
+from consumers.runner import ModelRunner
 from consumers.worker import StageWorker, WorkerConfig, dlq_envelope, envelope, part_key, reason_kind
 from policies.base import Exit, Feedback, Observation, Policy, StateView
 from policies.control import ActiveSpec, PolicyControl
@@ -110,17 +111,10 @@ class DeviceWorker(StageWorker):
             state = StateView(self.checkpoint.state(ns))
             observations = [Observation(m["id"], self.model.num_layers, embedding=embeddings[i])
                             for i, m in enumerate(msgs)]
-            box = {"hidden": hidden}
-
-            def runner(indices, from_layer, to_layer, exits):
-                idx = torch.tensor(indices)
-                out, probs = self.model.run(box["hidden"][idx], mask[idx], from_layer, to_layer, exits)
-                box["hidden"][idx] = out
-                return [{layer: p[j].numpy() for layer, p in probs.items()} for j in range(len(indices))]
-
+            runner = ModelRunner(self.model, hidden, mask)
             outcomes = run_device(policy, state, observations, runner)
             lengths = mask.sum(1).tolist()
-            final_hidden = box["hidden"]
+            final_hidden = runner.hidden
         distances = reference_distance(embeddings, self.reference)
         elapsed_ms = (time.time() - started) * 1000.0
         commits = []

@@ -19,6 +19,7 @@ from stream.costs import Trace, preset
 from stream.errors import ConfigError, MessageError
 
 from consumers.records import result_record
+from consumers.runner import ModelRunner
 from consumers.worker import StageWorker, WorkerConfig, dlq_envelope, envelope, part_key, reason_kind
 from policies.base import Offload
 from policies.engine import remote_trace, run_remote
@@ -104,14 +105,7 @@ class RemoteWorker(StageWorker):
                     h = torch.from_numpy(m["hidden"].astype(np.float32))[None]
                     items[i] = (h, torch.ones(1, h.shape[1], dtype=torch.long))
             hidden, mask = self.model.collate(items)
-            box = {"hidden": hidden}
-
-            def runner(indices, from_layer, to_layer, exits):
-                idx = torch.tensor(indices)
-                out, probs = self.model.run(box["hidden"][idx], mask[idx], from_layer, to_layer, exits)
-                box["hidden"][idx] = out
-                return [{layer: p[j].numpy() for layer, p in probs.items()} for j in range(len(indices))]
-
+            runner = ModelRunner(self.model, hidden, mask)
             offloads = [Offload(self.stage, m["run_to"], m.get("threshold")) for m in msgs]
             outcomes = run_remote([m["resume_layer"] for m in msgs], offloads, self.model.num_layers, runner)
         elapsed_ms = (time.time() - started) * 1000.0
