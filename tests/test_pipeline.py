@@ -222,3 +222,38 @@ def test_device_restart_loses_and_duplicates_nothing(broker, redis_server, topic
     ids = Counter(r["id"] for r in results)
     assert len(ids) == N, f"lost {N - len(ids)} samples"
     assert max(ids.values()) == 1, f"duplicated: {[i for i, c in ids.items() if c > 1][:5]}"
+
+
+def test_worker_metrics_agree_exactly_with_the_results(broker, redis_server, topic_prefix, tiny_model):
+    """The stage workers' Prometheus counters sum to exactly what their records on `results` say."""
+    from prometheus_client import CollectorRegistry
+
+    from consumers.device import DeviceWorker
+    from consumers.remote import RemoteWorker
+    from monitoring.metrics import StageMetrics
+
+    K.create_topics(broker.bootstrap, Topics(topic_prefix).all(), partitions=2)
+    registry = CollectorRegistry()
+    policy = _policy("static-maxprob", threshold=_median_threshold(tiny_model, 150), max_layer=2)
+    device = DeviceWorker(_config(broker, redis_server, topic_prefix), tiny_model, policy,
+                          metrics=StageMetrics("device", registry))
+    cloud = RemoteWorker(_config(broker, redis_server, topic_prefix), tiny_model, "cloud",
+                         metrics=StageMetrics("cloud", registry))
+    threads = [_start(device), _start(cloud)]
+    _replay(broker, topic_prefix, limit=150)
+    results = _stop_when_done([device, cloud], threads, broker, topic_prefix, 150)
+    assert len(results) == 150
+
+    def total(name, **labels):
+        return sum(s.value for m in registry.collect() for s in m.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert total("exitflow_samples_total") == 150
+    for component in ("device", "edge", "offload", "fee"):
+        assert total("exitflow_cost_lambda_total", component=component) == \
+            pytest.approx(sum(r["cost"][component] for r in results), abs=1e-9)
+    exits = Counter((r["tier"], str(r["exit_layer"])) for r in results)
+    for (tier, layer), n in exits.items():
+        assert total("exitflow_exits_total", tier=tier, layer=layer) == n
+    assert total("exitflow_offloads_total", target="cloud") == sum(r["tier"] == "cloud" for r in results)
+    assert total("exitflow_offload_bytes_total") == sum(r["bytes_offloaded"] for r in results)
