@@ -84,7 +84,8 @@ def cmd_worker(args) -> int:
     config = WorkerConfig(bootstrap=args.bootstrap, redis_url=redis_url(args), topic_prefix=args.prefix,
                           redis_prefix=args.redis_prefix, group=args.group, batch_size=args.batch_size,
                           idle_exit_s=args.idle_exit, metrics_port=args.metrics_port,
-                          metrics_host=args.metrics_host, broker_timeout_s=args.outage_timeout)
+                          metrics_host=args.metrics_host, broker_timeout_s=args.outage_timeout,
+                          exit_process_on_outage=True)
     model = load_model(args.model, args.threads)
     metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)
     if args.stage == "device":

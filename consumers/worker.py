@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -48,6 +49,7 @@ class WorkerConfig:
     poll_ms: int = 50
     idle_exit_s: float | None = None          # stop after this long without records (demo/tests)
     broker_timeout_s: float = 60.0            # exit non-zero after the broker is unreachable this long
+    exit_process_on_outage: bool = False      # a CLI worker leaves the process then (see StageWorker._watchdog)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_message_bytes: int = messages.MAX_MESSAGE_BYTES
@@ -115,6 +117,7 @@ class StageWorker:
         self._producer = None
         self._last_probe = 0.0
         self._down_since: float | None = None
+        self._probe_lock = threading.Lock()
 
     # -- what subclasses implement -------------------------------------------------------------
     def inputs(self) -> list[str]:
@@ -147,6 +150,8 @@ class StageWorker:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
         log.info("%s worker: group %s, inputs %s", self.stage, self.group, self.inputs())
+        if self.config.exit_process_on_outage:
+            threading.Thread(target=self._watchdog, name="broker-watchdog", daemon=True).start()
         last_data = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -169,11 +174,27 @@ class StageWorker:
         finally:
             self.close()
 
+    def _watchdog(self) -> None:
+        """Exit the process (code 3) once the broker has been unreachable past the outage timeout.
+
+        kafka-python's poll can block indefinitely when the broker dies mid-fetch, so the main loop
+        cannot be relied on to notice; everything a batch changed is committed atomically or not at
+        all, so leaving abruptly loses nothing.
+        """
+        while not self._stop.wait(1.0):
+            if not self._broker_ok():
+                logging.shutdown()
+                os._exit(3)
+
     def _broker_ok(self) -> bool:
         """Probe the broker at most once a second while idle; False once it has been down too long."""
+        with self._probe_lock:
+            return self._probe()
+
+    def _probe(self) -> bool:
         now = time.monotonic()
         if now - self._last_probe < 1.0:
-            return True
+            return self._down_since is None or now - self._down_since <= self.config.broker_timeout_s
         self._last_probe = now
         host, _, port = self.config.bootstrap.split(",")[0].rpartition(":")
         if port_open(host or "127.0.0.1", int(port), timeout=1.0):
