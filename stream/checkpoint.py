@@ -36,18 +36,32 @@ local h = cjson.decode(ARGV[1])
 local p = h.prefix
 local dups = {}
 local argi = 2
-local function add_vector(key, field, delta)
-  local cur = redis.call('HGET', key, field)
+-- Vector deltas (e.g. DIMEE centroid sums) are summed over the batch's fresh samples first and
+-- written once per field: parsing and formatting a 384-float string per sample would dominate.
+local vectors = {}
+local function queue_vector(key, field, delta)
+  local slot = key .. '\n' .. field
+  local acc = vectors[slot]
+  if not acc then
+    acc = {key = key, field = field}
+    for j = 1, #delta do acc[j] = tonumber(delta[j]) end
+    vectors[slot] = acc
+  else
+    for j = 1, #delta do acc[j] = acc[j] + tonumber(delta[j]) end
+  end
+end
+local function flush_vector(acc)
+  local cur = redis.call('HGET', acc.key, acc.field)
   local out = {}
   local i = 1
   if cur then
     for x in string.gmatch(cur, '[^,]+') do
-      out[i] = string.format('%.17g', tonumber(x) + tonumber(delta[i])); i = i + 1
+      out[i] = string.format('%.17g', tonumber(x) + acc[i]); i = i + 1
     end
   else
-    for j = 1, #delta do out[j] = string.format('%.17g', tonumber(delta[j])) end
+    for j = 1, #acc do out[j] = string.format('%.17g', acc[j]) end
   end
-  redis.call('HSET', key, field, table.concat(out, ','))
+  redis.call('HSET', acc.key, acc.field, table.concat(out, ','))
 end
 for pos, s in ipairs(h.samples) do
   local fresh = true
@@ -60,7 +74,7 @@ for pos, s in ipairs(h.samples) do
       if u[3] == 'n' then
         redis.call('HINCRBYFLOAT', key, u[2], u[4])
       elseif u[3] == 'v' then
-        add_vector(key, u[2], u[4])
+        queue_vector(key, u[2], u[4])
       else
         redis.call('HSET', key, u[2], u[4])
       end
@@ -73,6 +87,7 @@ for pos, s in ipairs(h.samples) do
   end
   argi = argi + s.n_out
 end
+for _, acc in pairs(vectors) do flush_vector(acc) end
 for part, off in pairs(h.offsets) do
   local key = p .. 'offsets:' .. h.group
   local cur = tonumber(redis.call('HGET', key, part) or '-1')
