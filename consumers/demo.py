@@ -57,6 +57,8 @@ def register_demo(subparsers) -> None:
     p.add_argument("--dashboard-port", type=int, default=0,
                    help="port of the live dashboard on 127.0.0.1 (0: a free one; printed at start)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the monitor and its dashboard")
+    p.add_argument("--linger", type=float, default=0.0,
+                   help="keep the stack and dashboard up this many seconds after the summary (Ctrl-C ends it)")
     p.add_argument("--reference", type=Path, default=None,
                    help="labelled in-domain matrix for the distance drift signal (default: the SST-2 dev "
                    "calibration matrix when it exists)")
@@ -186,8 +188,9 @@ def cmd_demo(args) -> int:
         common = ["--bootstrap", bootstrap, "--redis-url", url, "--prefix", prefix]
         worker = ["--model", str(model_dir), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
                   "--policy", spec.name, "--cost-model", spec.cost]
-        reference = args.reference or home() / "matrices" / "sst2-dev.npz"
-        device_extra = ["--reference", str(reference)] if reference.is_file() else []
+        # The default reference is the default model's SST-2 dev calibration matrix.
+        reference = args.reference or (None if args.model else home() / "matrices" / "sst2-dev.npz")
+        device_extra = ["--reference", str(reference)] if reference and reference.is_file() else []
         names = [f"device{i}" for i in range(args.device_workers)] + ["cloud", "edge"]
         for name in names:
             metrics_ports[name] = free_port()
@@ -257,6 +260,12 @@ def cmd_demo(args) -> int:
         if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+        if args.linger > 0 and monitor is not None:
+            print(f"exitflow demo: dashboard stays at {monitor.url} for {args.linger:.0f}s (Ctrl-C to stop)",
+                  file=sys.stderr)
+            until = time.monotonic() + args.linger
+            while time.monotonic() < until and not interrupted:
+                time.sleep(0.2)
         return 0 if result["complete"] else 1
     except KeyboardInterrupt:
         print("exitflow demo: interrupted, stopping", file=sys.stderr)

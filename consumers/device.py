@@ -36,6 +36,9 @@ class DeviceWorker(StageWorker):
         super().__init__(config, metrics)
         self.model = model
         self.reference = reference  # per-class centroids of in-domain input embeddings, for the drift signal
+        if reference is not None and reference.shape[-1] != model.hidden_size:
+            raise ConfigError(f"reference centroids have dimension {reference.shape[-1]}, the model's input "
+                              f"embedding has {model.hidden_size}: export the reference matrix with this model")
         self.max_len = max_len
         self.control = PolicyControl(self.redis, config.redis_prefix)
         self.spec = self.control.ensure(default_policy, model.num_layers, model.num_classes)

@@ -1,0 +1,72 @@
+"""`exitflow demo` end to end on a tiny model, and its dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from stream.config import data_dir
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    not (data_dir() / "SST-2" / "dev.tsv").is_file(), reason="replays SST-2 dev from the shared datasets folder")]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package chromium; .ci/run installs it)")
+def test_demo_summary_and_dashboard_agree(tmp_path):
+    from stream.model import MultiExitModel
+    model = tmp_path / "model"
+    MultiExitModel.from_backbone("random:L=3,H=32,A=2,I=64", 2, seed=0).save(model)
+    out = tmp_path / "demo.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "demo", "--model", str(model), "--dataset", "sst2", "--split", "dev",
+         "--limit", "150", "--policy", "static-maxprob", "--set", "threshold=0.56", "--set", "max_layer=2",
+         "--json", str(out), "--linger", "120", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        summary = json.loads(out.read_text())
+        assert summary["processed"] == 150 and summary["duplicates"] == 0 and summary["complete"]
+        assert summary["cost_ratio"] > 0 and 0 <= summary["offload_rate"] <= 1
+        assert sum(summary["tier_counts"].values()) == 150
+        shot = ROOT / "artifacts" / "demo-dashboard.png"
+        shot.parent.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory() as profile:
+            run = subprocess.run(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1600,1300", "--virtual-time-budget=5000",
+                 f"--screenshot={shot}", "--dump-dom", summary["dashboard"]],
+                capture_output=True, timeout=120)
+        dom = run.stdout.decode()
+
+        def value(element_id: str) -> float:
+            m = re.search(rf'id="{element_id}"[^>]*data-value="([^"]+)"', dom) or \
+                re.search(rf'data-value="([^"]+)"[^>]*id="{element_id}"', dom)
+            assert m, f"#{element_id} has no value in the rendered page"
+            return float(m.group(1))
+
+        assert value("kpi-samples") == 150
+        offloads = summary["tier_counts"]["edge"] + summary["tier_counts"]["cloud"]
+        assert value("kpi-offload-sub") == offloads
+        assert value("kpi-cost-sub") == pytest.approx(summary["cost"], rel=1e-6)
+        assert value("kpi-bytes") == summary["bytes_offloaded"]
+        assert shot.is_file() and shot.stat().st_size > 20_000
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
