@@ -56,7 +56,7 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def replay(self, limit, dataset="sst2", split="dev", seed=1, offset=0):
+    def replay(self, limit, dataset="sst2", split="dev", seed=1, offset=0, rate=0.0):
         from producers.replay import iter_samples, single
         producer = K.producer(self.broker.bootstrap)
         scenario = single(dataset, split, None, shuffle=True, seed=seed)
@@ -69,6 +69,8 @@ class Stack:
             sample["ts"] = time.time()
             producer.send(self.topics.samples, key=sample["id"].encode(), value=messages.encode("sample", sample))
             sent += 1
+            if rate:
+                time.sleep(1.0 / rate)
         producer.flush()
         producer.close()
         return sent
@@ -141,7 +143,9 @@ def test_sigkill_worker_at_random_points(stack, stage):
     n, kills = 400, 3
     rng = random.Random(7)
     procs = {"device": stack.worker("device", *SPLITEE), "cloud": stack.worker("cloud")}
-    stack.replay(n)
+    import threading
+    feeder = threading.Thread(target=stack.replay, args=(n,), kwargs={"rate": 40.0})  # ≈ 10 s of stream
+    feeder.start()
     recovery = []
     for _ in range(kills):
         time.sleep(rng.uniform(1.0, 3.0))
@@ -152,6 +156,7 @@ def test_sigkill_worker_at_random_points(stack, stage):
         while len(stack.results()) <= before and len(stack.results()) < n and time.monotonic() - started < 60:
             time.sleep(0.2)
         recovery.append(time.monotonic() - started)
+    feeder.join(60)
     results = stack.wait(n)
     lost, dups = _exactly_once(results, n)
     state = _settled(stack, n)

@@ -44,9 +44,9 @@ def _config(broker, redis_server, prefix, **kw):
                         batch_size=16, idle_exit_s=kw.pop("idle_exit_s", None), **kw)
 
 
-def _replay(broker, prefix, limit=N, dataset="sst2", split="dev"):
+def _replay(broker, prefix, limit=N, dataset="sst2", split="dev", rate=0.0):
     from producers.replay import replay, single
-    return replay(single(dataset, split, limit, shuffle=True, seed=1), broker.bootstrap, Topics(prefix),
+    return replay(single(dataset, split, limit, shuffle=True, seed=1, rate=rate), broker.bootstrap, Topics(prefix),
                   progress=False)
 
 
@@ -204,7 +204,9 @@ def test_device_restart_loses_and_duplicates_nothing(broker, redis_server, topic
     cloud = _spawn_worker("cloud", tiny_model_dir, broker, redis_server, topic_prefix)
     device = _spawn_worker("device", tiny_model_dir, broker, redis_server, topic_prefix, policy)
     try:
-        _replay(broker, topic_prefix, limit=N)
+        # A paced stream (≈ 4 s), so the kill lands while samples are still arriving.
+        feeder = threading.Thread(target=_replay, args=(broker, topic_prefix, N), kwargs={"rate": 60.0})
+        feeder.start()
         deadline = time.monotonic() + 60
         while len(_results(broker, topic_prefix)) < N // 4 and time.monotonic() < deadline:
             time.sleep(0.3)
@@ -213,6 +215,7 @@ def test_device_restart_loses_and_duplicates_nothing(broker, redis_server, topic
         partial = len(_results(broker, topic_prefix))
         assert partial < N, "killed mid-stream"
         device = _spawn_worker("device", tiny_model_dir, broker, redis_server, topic_prefix, policy)
+        feeder.join(60)
         results = _wait_results(broker, topic_prefix, N)
     finally:
         for proc in (device, cloud):
