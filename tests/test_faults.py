@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -74,6 +75,15 @@ class Stack:
         producer.flush()
         producer.close()
         return sent
+
+    def feed(self, n, rate, warm=20):
+        """Replay ``warm`` samples and wait for their results (workers up), then the other n - warm at ``rate``
+        per second in the background; returns the feeding thread."""
+        self.replay(warm)
+        self.wait(warm, timeout=120)
+        feeder = threading.Thread(target=self.replay, args=(n - warm,), kwargs={"rate": rate, "offset": warm})
+        feeder.start()
+        return feeder
 
     def results(self):
         return [messages.decode("result", r.value) for r in K.read_all(self.broker.bootstrap, self.topics.results)]
@@ -143,9 +153,7 @@ def test_sigkill_worker_at_random_points(stack, stage):
     n, kills = 400, 3
     rng = random.Random(7)
     procs = {"device": stack.worker("device", *SPLITEE), "cloud": stack.worker("cloud")}
-    import threading
-    feeder = threading.Thread(target=stack.replay, args=(n,), kwargs={"rate": 40.0})  # ≈ 10 s of stream
-    feeder.start()
+    feeder = stack.feed(n, rate=40.0)  # ≈ 10 s of stream once the workers are up
     recovery = []
     for _ in range(kills):
         time.sleep(rng.uniform(1.0, 3.0))
@@ -194,12 +202,13 @@ def test_rebalance_second_worker_joins_then_one_stops(stack):
     n = 600
     first = stack.worker("device", *SPLITEE)
     stack.worker("cloud")
-    stack.replay(n)
+    feeder = stack.feed(n, rate=60.0)  # ≈ 10 s of stream once the workers are up
     time.sleep(2.0)
     stack.worker("device", *SPLITEE)
     time.sleep(4.0)
     os.killpg(first.pid, signal.SIGTERM)
     first.wait(30)
+    feeder.join(60)
     results = stack.wait(n)
     lost, dups = _exactly_once(results, n)
     state = _settled(stack, n)
@@ -259,22 +268,21 @@ def test_resume_equals_continue(broker, redis_server, topic_prefix, model_dir, t
 
 
 def test_hot_swap_under_load(stack):
-    """Promise 7: swapping policies every ~100 samples loses nothing; each result names one version."""
+    """Promise 7: swapping policies every ~60 samples loses nothing; each result names one version."""
     from policies.control import PolicyControl
     n = 600
     stack.worker("device", *SPLITEE)
     stack.worker("cloud")
     control = PolicyControl(stack.redis.client())
-    stack.replay(n)
+    feeder = stack.feed(n, rate=80.0)  # ≈ 7.5 s of stream once the workers are up
     swaps, names = 0, [("static-maxprob", {"threshold": "0.6"}), ("splitee", {"alpha": "0.6"}),
                        ("cloud-only", {}), ("final-exit", {})]
-    while len(stack.results()) < n - 50 and swaps < 12:
-        done = len(stack.results())
-        while len(stack.results()) < min(n - 50, done + 100):
-            time.sleep(0.1)
+    while len(stack.results()) < n - 60 and swaps < 12:  # a swap about every 60 samples of the paced stream
         name, params = names[swaps % len(names)]
         control.use(name, params, num_layers=4)
         swaps += 1
+        time.sleep(0.8)
+    feeder.join(60)
     results = stack.wait(n)
     lost, dups = _exactly_once(results, n)
     versions = Counter((r["policy"]["name"], r["policy"]["version"]) for r in results)
