@@ -44,9 +44,9 @@ def _config(broker, redis_server, prefix, **kw):
                         batch_size=16, idle_exit_s=kw.pop("idle_exit_s", None), **kw)
 
 
-def _replay(broker, prefix, limit=N, dataset="sst2", split="dev", rate=0.0):
+def _replay(broker, prefix, limit=N, dataset="sst2", split="dev"):
     from producers.replay import replay, single
-    return replay(single(dataset, split, limit, shuffle=True, seed=1, rate=rate), broker.bootstrap, Topics(prefix),
+    return replay(single(dataset, split, limit, shuffle=True, seed=1), broker.bootstrap, Topics(prefix),
                   progress=False)
 
 
@@ -63,6 +63,23 @@ def _start(worker):
 def _policy(name, **params):
     from policies.control import ActiveSpec
     return ActiveSpec(name, {k: str(v) for k, v in params.items()}, "splitee")
+
+
+def _samples(limit):
+    from producers.replay import iter_samples, single
+    return [sample for sample, _ in iter_samples(single("sst2", "dev", limit, shuffle=True, seed=1))]
+
+
+def _send(broker, prefix, samples, rate=0.0):
+    """Produce sample messages, paced at ``rate`` per second when given."""
+    producer = K.producer(broker.bootstrap)
+    for sample in samples:
+        sample["ts"] = time.time()
+        producer.send(Topics(prefix).samples, key=sample["id"].encode(), value=messages.encode("sample", sample))
+        if rate:
+            time.sleep(1.0 / rate)
+    producer.flush()
+    producer.close()
 
 
 def _stop_when_done(workers, threads, broker, prefix, n):
@@ -204,12 +221,15 @@ def test_device_restart_loses_and_duplicates_nothing(broker, redis_server, topic
     cloud = _spawn_worker("cloud", tiny_model_dir, broker, redis_server, topic_prefix)
     device = _spawn_worker("device", tiny_model_dir, broker, redis_server, topic_prefix, policy)
     try:
-        # A paced stream (≈ 4 s), so the kill lands while samples are still arriving.
-        feeder = threading.Thread(target=_replay, args=(broker, topic_prefix, N), kwargs={"rate": 60.0})
+        # Warm up (both workers up and deciding), then a paced stream (≈ 4 s): the kill lands mid-stream.
+        samples = _samples(N)
+        _send(broker, topic_prefix, samples[:16])
+        _wait_results(broker, topic_prefix, 16)
+        feeder = threading.Thread(target=_send, args=(broker, topic_prefix, samples[16:], 60.0))
         feeder.start()
         deadline = time.monotonic() + 60
-        while len(_results(broker, topic_prefix)) < N // 4 and time.monotonic() < deadline:
-            time.sleep(0.3)
+        while len(_results(broker, topic_prefix)) < 16 + 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
         os.killpg(device.pid, signal.SIGKILL)
         device.wait()
         partial = len(_results(broker, topic_prefix))
