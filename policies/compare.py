@@ -209,6 +209,12 @@ def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title(f"regret, mean of {reports[0]['runs']} runs" if reports else "regret")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write a figure as PNG (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,12 +243,7 @@ def plot_sweep(sweep: dict[str, Any], path: str | Path) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def thin_curve(curve: list[float], points: int = 400) -> dict[str, list]:
