@@ -10,6 +10,7 @@ counts and throughput.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -211,7 +212,8 @@ def cmd_demo(args) -> int:
             [args.dataset or "imdb", "--shuffle", "--seed", str(args.seed)] + (["--split", args.split] if args.split else [])
         procs["replay"] = _spawn(cli + replay + ["--bootstrap", bootstrap, "--prefix", prefix], logs / "replay.log")
         from stream.costs import preset
-        summary = Summary(preset(spec.cost, **spec.cost_overrides).final_exit_cost(meta["num_layers"]))
+        cost = preset(spec.cost, num_layers=meta["num_layers"], **spec.cost_overrides)
+        summary = Summary(cost.final_exit_cost(meta["num_layers"]))
         consumer = K.consumer(bootstrap)
         tps = [TopicPartition(t, p) for t in (topics.results, topics.labels) for p in range(args.partitions)]
         consumer.assign(tps)
@@ -254,6 +256,8 @@ def cmd_demo(args) -> int:
         consumer.close()
         result = summary.as_dict()
         result.update({"policy": spec.name, "params": spec.params, "cost_model": spec.cost, "expected": expected,
+                       "offload_cost": cost.offload_cloud, "offload_ratio": cost.offload_ratio(meta["num_layers"]),
+                       "cost": dataclasses.asdict(cost),
                        "complete": len(summary.results) >= expected, "logs": str(logs),
                        "metrics_ports": metrics_ports, "dashboard": monitor.url if monitor else None})
         _print_summary(result)
@@ -298,7 +302,8 @@ def _print_summary(s: dict) -> None:
     acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}% ({s['labelled']} labelled)"
     rows = [
         ("processed", f"{s['processed']} / {s['expected']} (duplicates {s['duplicates']})"),
-        ("policy", f"{s['policy']} {s['params'] or ''} [{s['cost_model']} costs]"),
+        ("policy", f"{s['policy']} {s['params'] or ''} [{s['cost_model']} costs, o = {s['offload_cost']:g}λ, "
+                   f"o/(λL) = {s['offload_ratio']:.3f}]"),
         ("accuracy", acc),
         ("cost / sample", f"{s['cost_per_sample']:.3f} λ vs final exit {s['final_exit_cost_per_sample']:.3f} λ"),
         ("cost ratio", f"{s['cost_ratio']:.3f}"),

@@ -64,7 +64,8 @@ class RemoteWorker(StageWorker):
         if msg["trace"]["tier"] != self.stage:
             raise MessageError(f"{where}: offloaded to tier {msg['trace']['tier']!r} but read by the {self.stage} stage")
         try:
-            preset(msg["policy"].get("cost", "splitee"), **(msg["policy"].get("cost_overrides") or {}))
+            preset(msg["policy"].get("cost", "splitee"), num_layers=self.model.num_layers,
+                   **(msg["policy"].get("cost_overrides") or {}))
         except (ConfigError, TypeError, ValueError) as exc:
             raise MessageError(f"{where}: bad cost model in the policy reference: {exc}") from None
         threshold = msg.get("threshold")
@@ -113,7 +114,8 @@ class RemoteWorker(StageWorker):
             device = Trace(**{k: v for k, v in msg["trace"].items() if k in ("device_layers", "device_exits", "tier")})
             trace = remote_trace(device, outcome)
             spec = msg["policy"]
-            cost = preset(spec.get("cost", "splitee"), **(spec.get("cost_overrides") or {}))
+            cost = preset(spec.get("cost", "splitee"), num_layers=self.model.num_layers,
+                          **(spec.get("cost_overrides") or {}))
             policy_ref = {"name": spec["name"], "version": spec["version"], "ns": spec["ns"]}
             result = result_record(msg, trace, cost, outcome.probs, outcome.exit_layer, policy_ref,
                                    decision=msg.get("decision") or {"layer": msg["resume_layer"], "confidence": None},

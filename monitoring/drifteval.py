@@ -56,7 +56,7 @@ def replay(probs: np.ndarray, labels: np.ndarray | None, policy_name: str = "sta
     from stream.costs import preset
 
     n, num_layers, num_classes = probs.shape
-    policy = build(policy_name, params or {}, cost=preset(cost), num_layers=num_layers,
+    policy = build(policy_name, params or {}, cost=preset(cost, num_layers=num_layers), num_layers=num_layers,
                    num_classes=num_classes, live=True)
     state = StateView()
     runner = _Runner(probs)

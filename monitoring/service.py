@@ -326,6 +326,11 @@ class Monitor:
                 spec = control.current()
                 active = None if spec is None else {"name": spec.name, "version": spec.version,
                                                     "params": spec.params, "cost": spec.cost}
+                layers = control.num_layers() if spec is not None else None
+                if layers:
+                    cost = spec.cost_model(layers)
+                    active.update(offload_cost=cost.offload_cloud, offload_ratio=cost.offload_ratio(layers),
+                                  cost_line=cost.describe(layers))
                 agg.set_active(active, time.time())
                 if spec is not None and spec.version != last_version:
                     ns = agg.namespaces.get(spec.name, "")

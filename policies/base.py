@@ -54,12 +54,14 @@ class Offload:
     """Hand the sample over: the remote tier resumes at the device's current layer (raw input if none ran).
 
     It runs up to ``run_to`` (None: the last layer); with a ``threshold`` it exits at the first layer whose
-    confidence reaches it (DIMEE's edge), otherwise at ``run_to``.
+    confidence reaches it (DIMEE's edge), otherwise at ``run_to``. ``probe`` marks a sample the policy would
+    have exited but sends on to learn from the answer (exploration, e.g. SplitEE's online α).
     """
 
     tier: Literal["edge", "cloud"] = "cloud"
     run_to: int | None = None
     threshold: float | None = None
+    probe: bool = False
 
 
 Action = Union[Continue, Exit, Offload]
@@ -215,8 +217,11 @@ class Policy:
         """Additive deltas for ``event``; the default policy learns nothing."""
         return {}
 
-    def context(self, obs: Observation, action: Action) -> dict[str, Any]:
-        """Small JSON-able record of the decision, carried with an offload and echoed back in feedback."""
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
+        """Small JSON-able record of the decision, carried with an offload and echoed back in feedback.
+
+        ``state`` is the view that :meth:`decide` just read (so a learned threshold can be recorded as used).
+        """
         return {}
 
     def params(self) -> dict[str, Any]:

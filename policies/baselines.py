@@ -27,9 +27,9 @@ from stream.costs import Trace
 
 from stream.errors import ConfigError
 
-from policies.base import Action, Continue, Exit, Observation, Offload, Policy, StateView
+from policies.base import Action, Continue, Delta, Event, Exit, Observation, Offload, Policy, StateView
 from policies.calibration import calibration_digest, load_calibration
-from policies.splitee import SplitArms, choose_alpha
+from policies.splitee import ONLINE_TARGET, SplitArms, choose_alpha
 
 
 class FinalExit(Policy):
@@ -165,26 +165,43 @@ class RandomExit(SplitArms, Policy):
 
     name = "random-exit"
 
-    def __init__(self, *, alpha: float | None = None, calibration: str | None = None, **kw) -> None:
+    def __init__(self, *, alpha: float | None = None, calibration: str | None = None,
+                 alpha_rule: str = "online", target: float = ONLINE_TARGET, probe: float = 0.05,
+                 loss: str = "teacher", bins: int = 50, prior: float = 0.0, warmup: int = 30, **kw) -> None:
         super().__init__(**kw)
         self.calibration = load_calibration(calibration, self.name, accept=("splitee",))
         self.alpha = self.setting("alpha", self.calibration.get("alpha", 0.9) if alpha is None else alpha,
                                   float, 0.0, 1.0)
+        self.alpha_settings(alpha_rule=alpha_rule, target=target, probe=probe, loss=loss, bins=bins, prior=prior,
+                            warmup=warmup)
 
     calibrate = staticmethod(choose_alpha)
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "seed": self.seed, "calibration": calibration_digest(self.calibration)}
+        return {"alpha": self.alpha, "seed": self.seed, "calibration": calibration_digest(self.calibration),
+                **self.alpha_params()}
 
     def decide(self, obs: Observation, state: StateView) -> Action:
         if obs.layer == 0:
             return Continue(int(self.sample_rng(obs.sample_id).integers(1, self.num_layers + 1)), exits="last")
-        if obs.layer == self.num_layers or obs.confidence() >= self.alpha:
-            return Exit()
-        return Offload("cloud")
+        return self.split_action(obs, state)
 
-    def context(self, obs: Observation, action: Action) -> dict[str, Any]:
-        return {"arm": action.to_layer if isinstance(action, Continue) else obs.layer}
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
+        if isinstance(action, Continue):
+            return {"arm": action.to_layer}
+        out: dict[str, Any] = {"arm": obs.layer, "c": obs.confidence(), "y": int(np.argmax(obs.probs[obs.layer]))}
+        if isinstance(action, Offload) and action.probe:
+            out["probe"] = True
+        return out
+
+    def learn(self, event: Event, state: StateView) -> Delta:
+        """Random-exit picks its split blindly; with ``alpha_rule=online`` it learns only the α estimate."""
+        ctx = event.context
+        if event.stage == "decision":
+            return self.alpha_decided({int(ctx["arm"]): float(ctx["c"])})
+        if event.stage == "feedback" and "c" in ctx:
+            return self.alpha_observed({int(ctx["arm"]): (float(ctx["c"]), int(ctx["y"]))}, event.feedback.probs)
+        return {}
 
 
 class Patience(Policy):

@@ -39,6 +39,26 @@ def register(subparsers) -> None:
     ev.add_argument("--plot", metavar="DIR", help="write regret.png and offload_sweep.png here")
     ev.set_defaults(func=cmd_eval)
 
+    rp = subparsers.add_parser(
+        "reproduce", help="run a paper's protocol on our models and write its table beside the paper's numbers",
+        description="SplitEE Table 2 and Figs. 3-7: fine-tunes the source models if missing (SST-2, RTE, MRPC), "
+        "exports the shifted targets (IMDb, SciTail, the QQP sample; shuffled with --seed), runs 20 reshuffled "
+        "runs of every baseline and bandit at o = 5λ·L/12 and at o = 5λ literal, sweeps o over 1..5λ, and writes "
+        "table2.txt, splitee.json and PNGs into --out.")
+    rp.add_argument("paper", choices=("splitee",), help="the paper whose protocol to run")
+    rp.add_argument("--datasets", default="imdb,scitail,qqp", help="comma list of targets (imdb, scitail, qqp)")
+    rp.add_argument("--limit", type=int, help="use the first N shuffled target samples (default: all)")
+    rp.add_argument("--runs", type=int, default=20, help="reshuffled runs per policy (the paper: 20)")
+    rp.add_argument("--sweep-runs", type=int, default=5, help="runs per point of the o-sweep (Figs. 3-6)")
+    rp.add_argument("--no-sweep", action="store_true", help="skip the o-sweep")
+    rp.add_argument("--seed", type=int, default=0, help="shuffle seed of the targets and of the runs")
+    rp.add_argument("--backbone", default="default", help="backbone of the source models (tests: random:L=..)")
+    rp.add_argument("--train-limit", type=int, help="train the source models on at most N samples (tests)")
+    rp.add_argument("--max-len", type=int, default=128, help="tokens per input when exporting the matrices")
+    rp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    rp.add_argument("--out", type=Path, default=Path("artifacts/reproduce"), help="folder for the table, JSON, PNGs")
+    rp.set_defaults(func=cmd_reproduce)
+
     pol = subparsers.add_parser("policy", help="list, inspect, switch, reset and calibrate policies",
                                 description="Manage the active policy of a deployment (kept in Redis).")
     sub = pol.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -72,7 +92,11 @@ def register(subparsers) -> None:
 def _common_cost(parser) -> None:
     parser.add_argument("--cost-model", default="splitee", choices=("splitee", "dimee"))
     parser.add_argument("--offload-cost", type=float, metavar="O",
-                        help="offload cost o in λ (splitee: edge and cloud; dimee: cloud)")
+                        help="offload cost o in λ, literal (splitee: edge and cloud; dimee: cloud); default: the "
+                        "preset's 12-layer figure scaled by L/12 (splitee: 5λ·L/12)")
+    parser.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a cost-model field, e.g. mu=0.05 or cloud_fee=2 (repeatable; fields: "
+                        "device_layer, device_exit, edge_layer, cloud_layer, offload_edge, offload_cloud, cloud_fee, mu)")
 
 
 def _redis(parser) -> None:
@@ -91,9 +115,18 @@ def _overrides(args) -> dict[str, float]:
     return {"offload_cloud": args.offload_cost, "offload_edge": args.offload_cost}
 
 
-def _cost(args):
+def _cost(args, num_layers: int):
+    """The chosen preset scaled to ``num_layers`` (the papers' 12-layer figures by L/12), then --offload-cost / --cost."""
+    from policies.registry import parse_sets
     from stream.costs import preset
-    return preset(args.cost_model, **_overrides(args))
+
+    extra = {}
+    for key, value in parse_sets(getattr(args, "cost", None)).items():
+        try:
+            extra[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"--cost {key}={value!r}: expected a number") from None
+    return preset(args.cost_model, num_layers=num_layers, **{**_overrides(args), **extra})
 
 
 def _model_shape(args) -> tuple[int, int]:
@@ -142,7 +175,7 @@ def cmd_eval(args) -> int:
 
     matrix = _load_matrix(args.matrix, args.limit)
     calibration = _load_matrix(args.calibration) if args.calibration else None
-    cost = _cost(args)
+    cost = _cost(args, matrix.num_layers)
     shared = parse_sets(args.set)
     specs = expand_specs(args.policy)
     log = (lambda msg: print(f"exitflow eval: {msg}", file=sys.stderr)) if len(specs) > 1 else None
@@ -180,7 +213,7 @@ def cmd_list(args) -> int:
         doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
         flags = ["offline only"] if cls.offline_only else []
         try:  # defaults that depend on the model shape or a calibration show as resolved for 6 layers
-            default = build(name, cost=preset("splitee"), num_layers=6)
+            default = build(name, cost=preset("splitee", num_layers=6), num_layers=6)
         except ConfigError:
             default = None
             flags.append("needs calibration=FILE")
@@ -206,7 +239,8 @@ def _policy_for(control, namespace: str):
     if info is None:
         return None
     try:
-        return build(info["name"], info["params"], cost=preset(info["cost"], **info["cost_overrides"]),
+        return build(info["name"], info["params"],
+                     cost=preset(info["cost"], num_layers=info["num_layers"], **info["cost_overrides"]),
                      num_layers=info["num_layers"], num_classes=info["num_classes"])
     except ConfigError:
         return None
@@ -291,10 +325,36 @@ def cmd_calibrate(args) -> int:
     if unknown:
         raise ConfigError(f"calibrate {args.name!r}: unknown setting(s) {sorted(unknown)}; it takes "
                           f"{sorted(cal_keys) or 'none'}")
-    data = Calibrator(_load_matrix(args.matrix)).calibrate(cls, _cost(args), params)
+    matrix = _load_matrix(args.matrix)
+    data = Calibrator(matrix).calibrate(cls, _cost(args, matrix.num_layers), params)
     path = save_calibration({**data, "matrix": str(args.matrix)}, args.out)
     brief = {k: v for k, v in data.items() if k in ("alpha", "m", "n", "budget", "thresholds", "counts", "validation",
                                                     "validation_accuracy")}
     print(json.dumps(brief, indent=1, default=str))
     print(f"wrote {path}; use it with --set calibration={path}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from policies.reproduce import PAIRS, prepare_matrices, run, table, write
+
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = set(names) - set(PAIRS)
+    if unknown:
+        raise ConfigError(f"--datasets: unknown target(s) {sorted(unknown)}; expected some of {sorted(PAIRS)}")
+    if args.runs < 1 or args.sweep_runs < 1:
+        raise ConfigError(f"--runs and --sweep-runs must be >= 1, got {args.runs} and {args.sweep_runs}")
+    log = lambda msg: print(f"exitflow reproduce: {msg}", file=sys.stderr)  # noqa: E731
+    matrices = prepare_matrices(names, limit=args.limit, seed=args.seed, backbone=args.backbone,
+                                train_limit=args.train_limit, max_len=args.max_len, threads=args.threads, log=log)
+    result = run(matrices, runs=args.runs, sweep_runs=args.sweep_runs, seed=args.seed, sweep=not args.no_sweep, log=log)
+    result["settings"] = {"datasets": names, "limit": args.limit, "seed": args.seed, "backbone": args.backbone,
+                          "train_limit": args.train_limit, "max_len": args.max_len,
+                          "matrices": {d: {"target": str(t.meta.get("path", "")), "calibration": str(c.meta.get("path", ""))}
+                                       for d, (t, c) in matrices.items()}}
+    print(table(result, "depth"))
+    print()
+    print(table(result, "literal"))
+    for path in write(result, args.out):
+        print(f"wrote {path}")
     return 0

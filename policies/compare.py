@@ -173,16 +173,25 @@ def table(reports: list[dict[str, Any]]) -> str:
         r = reports[0]
         fe = r["final_exit_accuracy"]
         lines.append(f"final exit: accuracy {'n/a' if fe is None else f'{100 * fe:.1f}%'}, cost "
-                     f"{r['final_exit_cost']:.2f} λ per sample ({r['cost_model']} cost model, offload "
-                     f"{r['offload_cost']:g}); Δ against it. arm = most played / best fixed (hindsight); "
+                     f"{r['final_exit_cost']:.2f} λ per sample ({r['cost_model']} cost model, o = "
+                     f"{r['offload_cost']:g}λ, o/(λL) = {r['offload_ratio']:.3f}, μ = {r['mu']:g}); Δ against it. arm = most played / best fixed (hindsight); "
                      f"regret/T after {r['samples']} samples, mean of {r['runs']} runs")
     return "\n".join(lines)
 
 
-def offload_sweep(specs: list[str], matrix, *, cost, offloads=(1, 2, 3, 4, 5), **kw) -> dict[str, Any]:
-    """Accuracy and cost of each spec for offload costs o (SplitEE Figs. 3–6); α recalibrated per o."""
-    out: dict[str, Any] = {"offload": list(offloads), "accuracy": {}, "cost": {}, "cost_ratio": {}}
-    for o in offloads:
+def offload_sweep(specs: list[str], matrix, *, cost, offloads=(1, 2, 3, 4, 5), depth_scaled: bool = True,
+                  **kw) -> dict[str, Any]:
+    """Accuracy and cost of each spec for offload costs o (SplitEE Figs. 3–6); α recalibrated per o.
+
+    ``offloads`` are the paper's figures for 12 layers; with ``depth_scaled`` each is used as o·L/12 on the
+    matrix's L layers (the ratio o/(λL) carries over), otherwise literally. ``offload`` lists what was used.
+    """
+    from stream.costs import scaled
+
+    used = [scaled(float(o), matrix.num_layers) if depth_scaled else float(o) for o in offloads]
+    out: dict[str, Any] = {"offload": used, "offload_paper": list(offloads), "depth_scaled": depth_scaled,
+                           "accuracy": {}, "cost": {}, "cost_ratio": {}}
+    for o in used:
         overrides = {"offload_cloud": float(o)}
         if cost.name != "dimee":
             overrides["offload_edge"] = float(o)

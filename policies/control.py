@@ -29,11 +29,12 @@ class ActiveSpec:
     cost_overrides: dict[str, float] = dataclasses.field(default_factory=dict)
     version: int = 0
 
-    def cost_model(self) -> CostModel:
-        return preset(self.cost, **self.cost_overrides)
+    def cost_model(self, num_layers: int) -> CostModel:
+        """The cost model for a ``num_layers``-layer model: the preset scaled to that depth, then the overrides."""
+        return preset(self.cost, num_layers=num_layers, **self.cost_overrides)
 
     def build(self, num_layers: int, num_classes: int) -> Policy:
-        return build(self.name, self.params, cost=self.cost_model(), num_layers=num_layers,
+        return build(self.name, self.params, cost=self.cost_model(num_layers), num_layers=num_layers,
                      num_classes=num_classes, live=True)
 
 
@@ -53,6 +54,11 @@ class PolicyControl:
         return ActiveSpec(raw["name"], json.loads(raw.get("params", "{}")), raw.get("cost", "splitee"),
                           json.loads(raw.get("cost_overrides", "{}")), int(raw.get("version", 0)))
 
+    def num_layers(self) -> int | None:
+        """The depth of the model the active policy was built for (None before the first `use`)."""
+        raw = self.redis.hget(self.key, "num_layers")
+        return None if raw is None else int(raw)
+
     def version(self) -> int:
         return int(self.redis.hget(self.key, "version") or 0)
 
@@ -66,7 +72,8 @@ class PolicyControl:
                            "num_layers": num_layers, "num_classes": num_classes}, sort_keys=True)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.key, mapping={"name": name, "params": json.dumps(spec.params, sort_keys=True),
-                                     "cost": cost, "cost_overrides": json.dumps(spec.cost_overrides)})
+                                     "cost": cost, "cost_overrides": json.dumps(spec.cost_overrides),
+                                     "num_layers": num_layers})
         pipe.hincrby(self.key, "version", 1)
         pipe.hset(self.prefix + "namespaces", policy.namespace(), info)
         _, version, _ = pipe.execute()

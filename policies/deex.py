@@ -13,7 +13,7 @@ validation accuracy within a tolerance of the final exit's.
 >>> from policies.base import Observation, StateView
 >>> p = Deex(cost=splitee(), num_layers=6, p_d=0.7, p_tar=0.9, max_layer=4)
 >>> p.decide(Observation("a", 6, layer=1, probs={1: np.array([.6, .4])}), StateView())
-Offload(tier='cloud', run_to=None, threshold=None)
+Offload(tier='cloud', run_to=None, threshold=None, probe=False)
 >>> p.decide(Observation("b", 6, layer=1, probs={1: np.array([.95, .05])}), StateView())
 Continue(to_layer=2, exits='last')
 """

@@ -28,7 +28,7 @@ per pool (``sum_<pool>``, ``n_<pool>``), added to the calibration's, so several 
 ...        "counts": {"easy": 2, "moderate": 1, "hard": 1}}
 >>> p = DimeeAdaptive(cost=dimee(), num_layers=3, calibration=cal)
 >>> p.decide(Observation("x", 3, embedding=np.array([0.9, 0.2])), StateView())
-Offload(tier='edge', run_to=2, threshold=0.8)
+Offload(tier='edge', run_to=2, threshold=0.8, probe=False)
 >>> p.learn_pool("easy", np.array([0.3, 0.0]))             # running-mean centroid, as sums and counts
 {'sum_easy': array([0.3, 0. ]), 'n_easy': 1.0}
 >>> p.centroids(StateView({"sum_easy": np.array([0.3, 0.0]), "n_easy": 1.0}))["easy"]
@@ -36,6 +36,8 @@ array([0.1, 0. ])
 """
 
 from __future__ import annotations
+
+import math
 
 from typing import Any, ClassVar
 
@@ -51,9 +53,13 @@ POOLS = ("easy", "moderate", "hard")
 
 
 def default_split(num_layers: int) -> tuple[int, int]:
-    """m and n scaled from the paper's BERT-base choice (m = 3, n = 6 of 12 layers)."""
-    m = max(1, round(num_layers / 4))
-    return m, max(m, round(num_layers / 2))
+    """m and n scaled from the paper's BERT-base choice (m = 3, n = 6 of 12 layers), halves rounded up.
+
+    >>> default_split(6), default_split(12), default_split(10), default_split(1)
+    ((2, 3), (3, 6), (3, 5), (1, 1))
+    """
+    m = max(1, math.floor(3 * num_layers / 12 + 0.5))
+    return m, min(num_layers, max(m, math.floor(6 * num_layers / 12 + 0.5)))
 
 
 def assign_pools(conf: np.ndarray, alpha: float, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +180,7 @@ class DimeeFixed(Policy):
             return Exit()
         return Continue(obs.layer + 1, exits="last")
 
-    def context(self, obs: Observation, action: Action) -> dict[str, Any]:
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
         if isinstance(action, Offload):
             return {"pool": "moderate" if action.tier == "edge" else "hard"}
         return {"pool": "easy"}

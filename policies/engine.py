@@ -96,7 +96,7 @@ def run_device(policy: Policy, state: StateView, observations: list[Observation]
             action = _check(policy, obs, policy.decide(obs, state))
             key = f"decision:{obs.sample_id}"
             if first:
-                start = Event("start", obs.sample_id, policy.context(obs, action), Trace(), obs)
+                start = Event("start", obs.sample_id, policy.context(obs, action, state), Trace(), obs)
                 started[i] = policy.learn(start, state)
                 state.add(started[i], key=key)
             if isinstance(action, Continue):
@@ -104,7 +104,7 @@ def run_device(policy: Policy, state: StateView, observations: list[Observation]
                 continue
             tier = "device" if isinstance(action, Exit) else action.tier
             trace = Trace(device_layers=obs.layer, device_exits=exits_run[i], tier=tier)
-            outcome = DeviceOutcome(obs, action, trace, {**policy.context(obs, action), "ns": ns})
+            outcome = DeviceOutcome(obs, action, trace, {**policy.context(obs, action, state), "ns": ns})
             decided = policy.learn(Event("decision", obs.sample_id, outcome.context, trace, obs), state)
             state.add(decided, key=key)
             outcome.delta = merge_deltas([started[i], decided])

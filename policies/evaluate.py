@@ -185,6 +185,7 @@ def summarize(policy: Policy, matrix, results: list[StreamResult], reference: An
     report: dict[str, Any] = {
         "policy": policy.name, "params": policy.params(), "namespace": policy.namespace(),
         "cost_model": policy.cost.name, "offload_cost": policy.cost.offload_cloud,
+        "offload_ratio": policy.cost.offload_ratio(layers), "mu": policy.cost.mu,
         "samples": t, "runs": len(results),
         "accuracy": float(np.mean(acc)) if acc else None,
         "accuracy_std": float(np.std(acc)) if acc else None,
@@ -206,6 +207,9 @@ def summarize(policy: Policy, matrix, results: list[StreamResult], reference: An
         report["accuracy_drop"] = report["final_exit_accuracy"] - report["accuracy"]
     if keep_curve:
         report["regret_curve"] = mean_curve.tolist()
+        # 95% band of the mean curve over the runs (normal approximation, as in SplitEE Fig. 7)
+        band = 1.96 * curves.std(0, ddof=1) / np.sqrt(len(results)) if len(results) > 1 else np.zeros(t)
+        report["regret_band"] = band.tolist()
     return report
 
 

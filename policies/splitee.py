@@ -54,6 +54,7 @@ from stream.costs import CostModel, Trace
 from stream.errors import ConfigError
 
 from policies.base import Action, Continue, Delta, Event, Exit, ExitMode, Observation, Offload, Policy, StateView
+from policies.alpha import alpha_from_matrix, bin_of, check_settings, estimate_alpha, sample_loss
 from policies.calibration import calibration_digest, load_calibration
 
 
@@ -94,13 +95,111 @@ def choose_alpha(matrix, *, cost: CostModel, tolerance: float = 0.01, step: floa
                            "accuracy": best["accuracy"], "cost": best["cost"]}}
 
 
+AlphaRule = Literal["online", "fixed"]
+#: Accuracy drop (vs the final exit) the online α allows per sample; measured in the README's α table.
+ONLINE_TARGET = 0.005
+
+
 class SplitArms:
-    """The arms of a split policy: arm i runs layers 1..i, exits there if C_i >= α, else offloads."""
+    """The arms of a split policy: arm i runs layers 1..i, exits there if C_i >= α_i, else offloads.
+
+    ``alpha_rule="fixed"`` (the paper, §5.2): one α for every arm, given or from the source's labelled
+    validation split (``calibration=FILE``). ``alpha_rule="online"``: α_i learned from the stream by
+    agreement with the final exit (:mod:`policies.alpha`), starting from that same α until ``warmup``
+    final predictions of arm i have come back.
+    """
 
     num_layers: int
+    num_classes: int
     alpha: float
     cost: CostModel
     exits: ClassVar[ExitMode] = "last"
+    alpha_rule: str = "fixed"
+
+    def alpha_settings(self, *, alpha_rule: str, target: float, probe: float, loss: str, bins: int,
+                       prior: float, warmup: int) -> None:
+        if alpha_rule not in ("online", "fixed"):
+            raise ConfigError(f"policy {self.name!r}: alpha_rule must be 'online' or 'fixed', got {alpha_rule!r}")
+        self.alpha_rule = alpha_rule
+        self.target = self.setting("target", target, float, 0.0, 1.0)
+        self.probe = self.setting("probe", probe, float, 0.0, 1.0)
+        self.bins = self.setting("bins", bins, int, 2)
+        self.prior = self.setting("prior", prior, float, 0.0)
+        self.warmup = self.setting("warmup", warmup, int, 0)
+        check_settings(self.name, self.target, self.probe, self.bins, self.prior, loss)
+        self.loss = loss
+
+    def alpha_params(self) -> dict[str, Any]:
+        if self.alpha_rule == "fixed":
+            return {"alpha_rule": "fixed"}
+        return {"alpha_rule": "online", "target": self.target, "probe": self.probe, "loss": self.loss,
+                "bins": self.bins, "prior": self.prior, "warmup": self.warmup}
+
+    def alpha_for(self, arm: int, state: StateView) -> float:
+        """α of ``arm`` now: the fixed one, or the online estimate once ``warmup`` samples were observed."""
+        if self.alpha_rule == "fixed" or arm == self.num_layers:
+            return self.alpha
+        seen = state.get(f"ao{arm}")
+        if seen is None or float(np.sum(seen)) < max(self.warmup, 1):
+            return self.alpha
+        return estimate_alpha(state[f"am{arm}"], seen, state[f"al{arm}"], classes=self.num_classes,
+                              target=self.target, prior=self.prior)[0]
+
+    def alpha_estimate(self, arm: int, state: StateView) -> dict[str, Any]:
+        """What ``policy show`` prints for an arm: α now, the drop it estimates, and the counts behind it."""
+        mass, seen = state.get(f"am{arm}"), state.get(f"ao{arm}")
+        out: dict[str, Any] = {"alpha": round(self.alpha_for(arm, state), 6)}
+        if mass is not None and seen is not None and float(np.sum(mass)) > 0:
+            _, drop = estimate_alpha(mass, seen, state.get(f"al{arm}", np.zeros(self.bins)),
+                                     classes=self.num_classes, target=self.target, prior=self.prior)
+            out.update(estimated_drop=round(drop, 6), decided=float(np.sum(mass)), observed=float(np.sum(seen)))
+        return out
+
+    def is_probe(self, sample_id: str) -> bool:
+        """Whether a confident sample is offloaded anyway to keep the α estimate alive (same draw everywhere)."""
+        if self.alpha_rule != "online" or self.probe <= 0:
+            return False
+        return bool(self.sample_rng(f"probe:{sample_id}").random() < self.probe)
+
+    def split_action(self, obs: Observation, state: StateView) -> Action:
+        """At the split: exit if C_i >= α_i (the last layer always exits), else offload; probes offload."""
+        if obs.layer == self.num_layers:
+            return Exit()
+        if obs.confidence() >= self.alpha_for(obs.layer, state):
+            return Offload("cloud", probe=True) if self.is_probe(obs.sample_id) else Exit()
+        return Offload("cloud")
+
+    def _onehot(self, conf: float, weight: float = 1.0) -> np.ndarray:
+        v = np.zeros(self.bins)
+        v[bin_of(conf, self.num_classes, self.bins)] = weight
+        return v
+
+    def alpha_decided(self, confs: dict[int, float]) -> Delta:
+        """Mass of the online α estimate: each evaluated arm's bin of C_j (not the last arm: it always exits)."""
+        if self.alpha_rule != "online":
+            return {}
+        return {f"am{j}": self._onehot(c) for j, c in confs.items() if j < self.num_layers}
+
+    def alpha_observed(self, preds: dict[int, tuple[float, int]], final: np.ndarray) -> Delta:
+        """Observed samples and their loss, per arm j: ``preds[j] = (C_j, ŷ_j)``, ``final`` = p_L."""
+        if self.alpha_rule != "online":
+            return {}
+        out: Delta = {}
+        for j, (c, y) in preds.items():
+            if j >= self.num_layers:
+                continue
+            onehot = np.zeros(self.num_classes)
+            onehot[int(y)] = 1.0
+            out[f"ao{j}"] = self._onehot(c)
+            out[f"al{j}"] = self._onehot(c, sample_loss(onehot, np.asarray(final), self.loss))  # type: ignore[arg-type]
+        return out
+
+    def hindsight_alphas(self, probs: np.ndarray) -> list[float]:
+        """Per-arm α for hindsight rewards: the fixed α, or what the online rule gives on the whole matrix."""
+        if self.alpha_rule == "fixed":
+            return [self.alpha] * self.num_layers
+        return [alpha_from_matrix(probs, i, target=self.target, loss=self.loss, bins=self.bins,  # type: ignore[arg-type]
+                                  prior=self.prior)[0] for i in range(1, self.num_layers)] + [self.alpha]
 
     def arm_trace(self, arm: int, tier: str) -> Trace:
         """What runs when the split is ``arm``: arm layers, one exit (``last``) or every exit (``each``)."""
@@ -117,7 +216,8 @@ class SplitArms:
         layers = np.arange(1, self.num_layers + 1)
         stay = np.array([self.arm_cost(i, "device") for i in layers])
         away = np.array([self.arm_cost(i, "cloud") for i in layers])
-        exit_ = (conf >= self.alpha) | (layers == self.num_layers)[None, :]
+        alphas = np.array(self.hindsight_alphas(probs))
+        exit_ = (conf >= alphas[None, :]) | (layers == self.num_layers)[None, :]
         return np.where(exit_, conf - self.cost.mu * stay, conf[:, -1:] - self.cost.mu * away)
 
 
@@ -128,19 +228,26 @@ class SplitEE(SplitArms, Policy):
     exits: ClassVar[ExitMode] = "last"
 
     def __init__(self, *, alpha: float | None = None, beta: float = 1.0, calibration: str | None = None,
-                 **kw) -> None:
+                 alpha_rule: AlphaRule = "online", target: float = ONLINE_TARGET, probe: float = 0.05,
+                 loss: str = "teacher", bins: int = 50, prior: float = 0.0, warmup: int = 30,
+                 bonus: Literal["tuned", "ucb1"] = "tuned", **kw) -> None:
         super().__init__(**kw)
         self.calibration = load_calibration(calibration, self.name, accept=("splitee",))
         if alpha is None:
             alpha = self.calibration.get("alpha", 0.9)
         self.alpha = self.setting("alpha", alpha, float, 0.0, 1.0)
         self.beta = self.setting("beta", beta, float, 0.0)
+        if bonus not in ("tuned", "ucb1"):
+            raise ConfigError(f"policy {self.name!r}: bonus must be 'tuned' or 'ucb1', got {bonus!r}")
+        self.bonus = bonus
+        self.alpha_settings(alpha_rule=alpha_rule, target=target, probe=probe, loss=loss, bins=bins, prior=prior,
+                            warmup=warmup)
 
     calibrate = staticmethod(choose_alpha)
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta": self.beta, "seed": self.seed,
-                "calibration": calibration_digest(self.calibration)}
+        return {"alpha": self.alpha, "beta": self.beta, "bonus": self.bonus, "seed": self.seed,
+                "calibration": calibration_digest(self.calibration), **self.alpha_params()}
 
     @functools.cached_property
     def _best_reward(self) -> list[float]:
@@ -148,7 +255,7 @@ class SplitEE(SplitArms, Policy):
         return [1.0 - self.cost.mu * self.arm_cost(i, "device") for i in range(1, self.num_layers + 1)]
 
     def index(self, state: StateView) -> list[float]:
-        """The UCB index of every arm (``inf`` for an arm never pulled)."""
+        """The UCB index of every arm (``inf`` for an arm never pulled); see the module docstring."""
         t = state.number("t")
         log_t = math.log(t) if t > 1 else 0.0
         out = []
@@ -157,8 +264,14 @@ class SplitEE(SplitArms, Policy):
             if n + pending <= 0:
                 out.append(math.inf)
                 continue
-            mean = state.number(f"s{i}") / n if n > 0 else self._best_reward[i - 1]
-            out.append(mean + self.beta * math.sqrt(log_t / (n + pending)))
+            best = self._best_reward[i - 1]
+            mean = state.number(f"s{i}") / n if n > 0 else best
+            width = log_t / (n + pending)
+            if self.bonus == "ucb1":
+                out.append(mean + self.beta * math.sqrt(width))
+                continue
+            var = max(0.0, state.number(f"v{i}") / n - mean * mean) if n > 0 else 0.25
+            out.append(min(mean + self.beta * math.sqrt(width * min(0.25, var + math.sqrt(2 * width))), best))
         return out
 
     def pull(self, state: StateView) -> int:
@@ -169,24 +282,41 @@ class SplitEE(SplitArms, Policy):
     def decide(self, obs: Observation, state: StateView) -> Action:
         if obs.layer == 0:
             return Continue(self.pull(state), exits=self.exits)
-        if obs.layer == self.num_layers or obs.confidence() >= self.alpha:
-            return Exit()
-        return Offload("cloud")
+        return self.split_action(obs, state)
 
-    def context(self, obs: Observation, action: Action) -> dict[str, Any]:
-        return {"arm": action.to_layer if isinstance(action, Continue) else obs.layer}
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
+        if isinstance(action, Continue):
+            return {"arm": action.to_layer}
+        out: dict[str, Any] = {"arm": obs.layer, "c": obs.confidence(), "y": int(np.argmax(obs.probs[obs.layer]))}
+        if isinstance(action, Offload) and action.probe:
+            out["probe"] = True
+        return out
+
+    def exit_reward(self, arm: int, conf: float) -> float:
+        """Eq. 1 for exiting at ``arm`` with confidence ``conf`` (one exit evaluated, SplitEE; all, SplitEE-S)."""
+        return self.reward_exit(conf, self.arm_trace(arm, "device"))
+
+    @staticmethod
+    def scored(arm: int, reward: float) -> Delta:
+        """One completed reward of ``arm``: count, sum and sum of squares (UCB1-Tuned's variance)."""
+        return {f"n{arm}": 1.0, f"s{arm}": reward, f"v{arm}": reward * reward}
 
     def learn(self, event: Event, state: StateView) -> Delta:
-        arm = int(event.context["arm"])
+        ctx = event.context
+        arm = int(ctx["arm"])
         if event.stage == "start":       # the pull is in flight: pending until its reward is known
             return {"t": 1.0, f"p{arm}": 1.0}
         if event.stage == "feedback":
+            delta = self.alpha_observed({arm: (ctx["c"], ctx["y"])}, event.feedback.probs) if "c" in ctx else {}
+            if ctx.get("probe"):         # scored as the exit it would have been, at decision
+                return delta
             reward = self.reward_exit(event.feedback.confidence, event.trace)
-            return {f"p{arm}": -1.0, f"n{arm}": 1.0, f"s{arm}": reward}
-        if event.trace.tier == "device":
-            reward = self.reward_exit(event.observation.confidence(arm), event.trace)
-            return {f"p{arm}": -1.0, f"n{arm}": 1.0, f"s{arm}": reward}
-        return {}                        # offloaded: stays pending until feedback brings C_L
+            return {**delta, f"p{arm}": -1.0, **self.scored(arm, reward)}
+        delta = self.alpha_decided({arm: event.observation.confidence(arm)})
+        if event.trace.tier == "device" or ctx.get("probe"):
+            reward = self.exit_reward(arm, event.observation.confidence(arm))
+            return {**delta, f"p{arm}": -1.0, **self.scored(arm, reward)}
+        return delta                     # offloaded: stays pending until feedback brings C_L
 
     def describe(self, state) -> dict[str, Any]:
         view = state if isinstance(state, StateView) else StateView(state)
@@ -195,8 +325,11 @@ class SplitEE(SplitArms, Policy):
             n = view.number(f"n{i}")
             arms[str(i)] = {"n": n, "pending": view.number(f"p{i}"),
                             "q": round(view.number(f"s{i}") / n, 6) if n else None}
+            if self.alpha_rule == "online" and i < self.num_layers:
+                arms[str(i)].update(self.alpha_estimate(i, view))
         played = {i: view.number(f"n{i}") + view.number(f"p{i}") for i in range(1, self.num_layers + 1)}
-        return {"t": view.number("t"), "alpha": self.alpha, "beta": self.beta, "arms": arms,
+        return {"t": view.number("t"), "alpha": self.alpha, "alpha_rule": self.alpha_rule, "beta": self.beta,
+                "arms": arms,
                 "most_played_arm": max(played, key=played.get) if any(played.values()) else None}
 
 
@@ -220,14 +353,22 @@ class SplitEES(SplitEE):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "side_info": self.side_info, "cl_estimate": self.cl_estimate}
 
-    def context(self, obs: Observation, action: Action) -> dict[str, Any]:
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
         if isinstance(action, Continue):
             return {"arm": action.to_layer}
-        return {"arm": obs.layer, "conf": [obs.confidence(j) for j in range(1, obs.layer + 1)]}
+        layers = range(1, obs.layer + 1)
+        view = state if state is not None else StateView()
+        out: dict[str, Any] = {"arm": obs.layer, "conf": [obs.confidence(j) for j in layers],
+                               "preds": [int(np.argmax(obs.probs[j])) for j in layers]}
+        if self.alpha_rule == "online":  # the side arms' α as used now: their feedback must resolve the same ones
+            out["alphas"] = [self.alpha_for(j, view) for j in layers]
+        if isinstance(action, Offload) and action.probe:
+            out["probe"] = True
+        return out
 
-    def _side(self, j: int, conf: float, c_last: float | None) -> tuple[str, float | None]:
+    def _side(self, j: int, conf: float, c_last: float | None, alpha: float) -> tuple[str, float | None]:
         """Arm j's outcome on this sample: ('exit', r), ('offload', r) or ('pending', None) if C_L unknown."""
-        if conf >= self.alpha or j == self.num_layers:
+        if conf >= alpha or j == self.num_layers:
             return "exit", conf - self.cost.mu * self.arm_cost(j, "device")
         if c_last is None:
             return "pending", None
@@ -243,7 +384,9 @@ class SplitEES(SplitEE):
     def learn(self, event: Event, state: StateView) -> Delta:
         if event.stage == "start":
             return {"t": 1.0, f"p{int(event.context['arm'])}": 1.0}
-        conf = [float(c) for c in event.context["conf"]]
+        ctx = event.context
+        conf = [float(c) for c in ctx["conf"]]
+        alphas = [float(a) for a in ctx.get("alphas", [self.alpha] * len(conf))]
         arm = len(conf)
         delta: Delta = {}
 
@@ -252,14 +395,19 @@ class SplitEES(SplitEE):
 
         if event.stage == "feedback":
             c_last = event.feedback.confidence
+            delta.update(self.alpha_observed(dict(enumerate(zip(conf, ctx["preds"]), start=1)), event.feedback.probs)
+                         if "preds" in ctx else {})
             if self.side_info == "observed":
                 add("cl_n", 1.0)
                 add("cl_s", c_last)
-            for j, c in enumerate(conf, start=1):
-                if c < self.alpha and j < self.num_layers and self.side_info == "observed":
-                    _, reward = self._side(j, c, c_last)
-                    add(f"p{j}", -1.0), add(f"n{j}", 1.0), add(f"s{j}", reward)
+            for j, (c, a) in enumerate(zip(conf, alphas), start=1):
+                if c < a and j < self.num_layers and self.side_info == "observed":
+                    _, reward = self._side(j, c, c_last, a)
+                    add(f"p{j}", -1.0)
+                    for key, value in self.scored(j, reward).items():
+                        add(key, value)
             return delta
+        delta.update(self.alpha_decided(dict(enumerate(conf, start=1))))
         add(f"p{arm}", -1.0)            # the pull itself is resolved; side arms below say how
         if self.side_info == "oracle":
             c_last: float | None = float(np.max(event.observation.hindsight[-1]))
@@ -267,10 +415,11 @@ class SplitEES(SplitEE):
             c_last = self.estimate_last(conf, state)
         else:
             c_last = None  # offloaded: the real C_L comes in feedback
-        for j, c in enumerate(conf, start=1):
-            kind, reward = self._side(j, c, c_last)
+        for j, (c, a) in enumerate(zip(conf, alphas), start=1):
+            kind, reward = self._side(j, c, c_last, a)
             if kind == "pending":
                 add(f"p{j}", 1.0)
             else:
-                add(f"n{j}", 1.0), add(f"s{j}", reward)
-        return {k: v for k, v in delta.items() if v != 0.0 or k[0] == "s"}
+                for key, value in self.scored(j, reward).items():
+                    add(key, value)
+        return {k: v for k, v in delta.items() if isinstance(v, np.ndarray) or v != 0.0 or k[0] == "s"}

@@ -2,6 +2,15 @@
 
 Costs are in λ units (λ = per-layer compute cost on the device). A sample's cost is computed from
 what really ran for it (a :class:`Trace`), so live results and offline evaluation agree exactly.
+
+The papers state their costs for 12-layer models. What carries over to an L-layer model is the ratio
+o / (λL), so a preset built for ``num_layers=L`` scales its default offload cost by L / 12 (SplitEE's
+o = 5λ becomes 2.5λ on 6 layers); a value the user gives is taken literally.
+
+>>> splitee(num_layers=6).offload_cloud, splitee(num_layers=12).offload_cloud, splitee(3.0, num_layers=6).offload_cloud
+(2.5, 5.0, 3.0)
+>>> round(preset("splitee", num_layers=6).offload_ratio(6), 4)     # o / (λL) = 5 / 12, as in the paper
+0.4167
 """
 
 from __future__ import annotations
@@ -101,6 +110,15 @@ class CostModel:
         """Reference cost: every layer and every exit on the device (SplitEE's Final-exit pays λ·L)."""
         return self.breakdown(Trace(device_layers=num_layers, device_exits=num_layers)).total
 
+    def offload_ratio(self, num_layers: int) -> float:
+        """o / (λL): the offload cost as a share of a full local pass, the figure that carries across depths."""
+        return self.offload_cloud / (self.lam * num_layers)
+
+    def describe(self, num_layers: int) -> str:
+        """One line for reports: the preset, o and its ratio o / (λL), μ."""
+        return (f"{self.name} costs, o = {self.offload_cloud:g}λ (o/(λL) = {self.offload_ratio(num_layers):.3f} "
+                f"at L = {num_layers}), μ = {self.mu:g}")
+
     def with_overrides(self, **overrides: float) -> "CostModel":
         names = {f.name for f in dataclasses.fields(self)} - {"name"}
         unknown = set(overrides) - names
@@ -109,25 +127,45 @@ class CostModel:
         return dataclasses.replace(self, **{k: float(v) for k, v in overrides.items()})
 
 
-def splitee(offload: float = 5.0) -> CostModel:
-    """SplitEE §5.2: λ = λ1 + λ2 = 1 with λ2 = λ1/6, offload o (1..5 λ, default 5λ), μ = 0.1."""
+#: The depth the papers' cost figures are stated for (BERT-base / ElasticBERT-base).
+PAPER_LAYERS = 12
+
+
+def scaled(value: float, num_layers: int | None) -> float:
+    """A 12-layer cost figure carried to ``num_layers`` layers by the ratio value / L (None: as printed)."""
+    return value if num_layers is None else value * num_layers / PAPER_LAYERS
+
+
+def splitee(offload: float | None = None, num_layers: int | None = None) -> CostModel:
+    """SplitEE §5.2: λ = λ1 + λ2 = 1 with λ2 = λ1/6, offload o (1..5 λ, default 5λ·L/12), μ = 0.1."""
+    if offload is None:
+        offload = scaled(5.0, num_layers)
     return CostModel(name="splitee", device_layer=6 / 7, device_exit=1 / 7, edge_layer=0.0,
                      cloud_layer=0.0, offload_edge=offload, offload_cloud=offload, cloud_fee=0.0, mu=0.1)
 
 
-def dimee(fee: float = 1.0) -> CostModel:
-    """DIMEE §V: λ_m = 1.5λ, λ_e = λ, o_e = 2.5λ, o_c = 3λ, cloud fee γ (not given in the paper; default 1λ)."""
+def dimee(fee: float = 1.0, num_layers: int | None = None) -> CostModel:
+    """DIMEE §V: λ_m = 1.5λ, λ_e = λ, o_e = 2.5λ, o_c = 3λ (12 layers; scaled by L/12), cloud fee γ.
+
+    γ is not given in the paper (default 1λ, not scaled: it is a price per request, not per layer).
+    """
     return CostModel(name="dimee", device_layer=1.5, device_exit=0.0, edge_layer=1.0, cloud_layer=0.0,
-                     offload_edge=2.5, offload_cloud=3.0, cloud_fee=fee, mu=0.1)
+                     offload_edge=scaled(2.5, num_layers), offload_cloud=scaled(3.0, num_layers),
+                     cloud_fee=fee, mu=0.1)
 
 
 PRESETS = {"splitee": splitee, "dimee": dimee}
 
 
-def preset(name: str, **overrides: float) -> CostModel:
-    """A named preset, optionally overridden (``preset('splitee', offload_cloud=3)``)."""
+def preset(name: str, num_layers: int | None = None, **overrides: float) -> CostModel:
+    """A named preset for an ``num_layers``-layer model, optionally overridden (``preset('splitee', offload_cloud=3)``).
+
+    ``num_layers=None`` keeps the papers' figures as printed (their 12-layer reading).
+    """
+    if num_layers is not None and num_layers < 1:
+        raise ConfigError(f"cost model {name!r}: num_layers must be >= 1, got {num_layers!r}")
     try:
-        model = PRESETS[name]()
+        model = PRESETS[name](num_layers=num_layers)
     except KeyError:
         raise ConfigError(f"unknown cost model {name!r}; expected one of {sorted(PRESETS)}") from None
     return model.with_overrides(**overrides) if overrides else model

@@ -213,6 +213,17 @@ def make_card(model: MultiExitModel, train_ds: Dataset, config: TrainConfig, sum
     return card
 
 
+#: `exitflow reproduce`'s source models (SplitEE §5.2: fine-tune on the source task, evaluate on the shifted
+#: target). RTE and MRPC are small: three epochs of pairs at 128 tokens, a lower learning rate.
+SOURCE_RECIPES = {
+    "sst2": DEFAULT_RECIPE,
+    "rte": {"dataset": "rte", "limit": None, "min_words": 0,
+            "config": TrainConfig(epochs=3, max_len=128, batch_size=16, lr=5e-5, seed=0)},
+    "mrpc": {"dataset": "mrpc", "limit": None, "min_words": 0,
+             "config": TrainConfig(epochs=3, max_len=128, batch_size=16, lr=5e-5, seed=0)},
+}
+
+
 def fine_tune(backbone: str, train_ds: Dataset, dev_ds: Dataset | None, out: Path, config: TrainConfig,
               limit: int | None = None, min_words: int = 0, pooling: str = "mean",
               progress: bool = True) -> tuple[MultiExitModel, dict]:
@@ -240,13 +251,20 @@ def load_splits(name: str) -> tuple[Dataset, Dataset | None]:
 
 def prepare_default(force: bool = False, progress: bool = True) -> tuple[Path, bool]:
     """Train the default model into ``default_model_dir()`` unless it is there; return (dir, trained?)."""
-    out = default_model_dir()
+    return prepare_source("sst2", default_model_dir(), force=force, progress=progress)
+
+
+def prepare_source(name: str, out: Path, *, force: bool = False, progress: bool = True, backbone: str = "default",
+                   limit: int | None = None) -> tuple[Path, bool]:
+    """Train the source model ``name`` (:data:`SOURCE_RECIPES`) into ``out`` unless it is there."""
+    if name not in SOURCE_RECIPES:
+        raise ConfigError(f"no training recipe for source {name!r}; expected one of {sorted(SOURCE_RECIPES)}")
     if not force and (out / "model.safetensors").is_file() and (out / "card.json").is_file():
         return out, False
-    recipe = DEFAULT_RECIPE
+    recipe = SOURCE_RECIPES[name]
     tmp = out.with_name(out.name + ".partial")
     train_ds, dev_ds = load_splits(recipe["dataset"])
-    fine_tune("default", train_ds, dev_ds, tmp, recipe["config"], recipe["limit"], recipe["min_words"],
+    fine_tune(backbone, train_ds, dev_ds, tmp, recipe["config"], limit or recipe["limit"], recipe["min_words"],
               progress=progress)
     if out.exists():
         shutil.rmtree(out)

@@ -102,10 +102,12 @@ def test_exitflow_eval_cli(tmp_path, capsys):
                  "--json", str(out), "--plot", str(tmp_path / "plots")])
     assert code == 0
     text = capsys.readouterr().out
-    assert "splitee-s" in text and "offload 4" in text
+    assert "splitee-s" in text and "o = 4λ" in text
     data = json.loads(out.read_text())
     assert [r["spec"] for r in data["reports"]] == ["final-exit", "splitee", "splitee-s", "oracle"]
-    assert data["offload_sweep"]["offload"] == [1, 2, 3, 4, 5]
+    sweep = data["offload_sweep"]       # the paper's o = 1..5λ (12 layers), carried to 4 layers by o·4/12
+    assert sweep["offload_paper"] == [1, 2, 3, 4, 5] and sweep["offload"] == pytest.approx([o / 3 for o in range(1, 6)])
+    assert data["reports"][0]["offload_cost"] == 4 and data["reports"][0]["offload_ratio"] == pytest.approx(1.0)
     assert (tmp_path / "plots" / "regret.png").stat().st_size > 0
     assert (tmp_path / "plots" / "offload_sweep.png").stat().st_size > 0
     assert main(["eval", "--matrix", str(tmp_path / "m.npz"), "--policy", "dimee-fixed"]) == 1

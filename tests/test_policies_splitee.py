@@ -23,7 +23,7 @@ def probs(*conf):
 
 
 def test_eq1_exit_reward_uses_lambda1_i_plus_lambda2():
-    p = SplitEE(cost=splitee(offload=5.0), num_layers=4, alpha=0.8)
+    p = SplitEE(cost=splitee(offload=5.0), num_layers=4, alpha=0.8, alpha_rule="fixed")
     obs = Observation("a", 4, layer=2, probs={2: np.array([0.95, 0.05])})
     assert p.decide(obs, StateView()) == Exit()
     start = p.learn(Event("start", "a", p.context(Observation("a", 4), Continue(2)), Trace(), obs), StateView())
@@ -34,7 +34,7 @@ def test_eq1_exit_reward_uses_lambda1_i_plus_lambda2():
 
 
 def test_eq1_offload_reward_arrives_in_feedback_with_c_last():
-    p = SplitEE(cost=splitee(offload=3.0), num_layers=4, alpha=0.8)
+    p = SplitEE(cost=splitee(offload=3.0), num_layers=4, alpha=0.8, alpha_rule="fixed")
     obs = Observation("b", 4, layer=1, probs={1: np.array([0.6, 0.4])})
     assert p.decide(obs, StateView()) == Offload("cloud")
     device = Trace(device_layers=1, device_exits=1, tier="cloud")
@@ -120,7 +120,7 @@ def test_splitee_s_side_observations_observed():
 
 
 def test_splitee_s_offloaded_sample_leaves_unconfident_arms_pending_until_feedback():
-    p = SplitEES(cost=splitee(offload=5.0), num_layers=4, alpha=0.8)
+    p = SplitEES(cost=splitee(offload=5.0), num_layers=4, alpha=0.8, alpha_rule="fixed")
     obs = Observation("f", 4, layer=3, probs=probs(0.6, 0.85, 0.7))
     assert p.decide(obs, StateView()) == Offload("cloud")
     ctx = p.context(obs, Offload("cloud"))
@@ -158,7 +158,7 @@ def test_regret_is_sublinear_and_side_information_helps():
     cost = splitee(offload=5.0)
     runs = {}
     for name in ("splitee", "splitee-s"):
-        p = build(name, {"alpha": "0.8"}, cost=cost, num_layers=6)
+        p = build(name, {"alpha": "0.8", "alpha_rule": "fixed"}, cost=cost, num_layers=6)
         runs[name] = evaluate(p, m, runs=2, seed=1)
     for r in runs.values():
         per_t = r["regret_per_t"]

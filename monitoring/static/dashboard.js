@@ -202,7 +202,7 @@ function render(s) {
   const pol = $("policy");
   pol.replaceChildren();
   const lines = active
-    ? [`${active.name} — version ${active.version}`, `settings: ${JSON.stringify(active.params)}`, `cost model: ${active.cost}`]
+    ? [`${active.name} — version ${active.version}`, `settings: ${JSON.stringify(active.params)}`, `cost model: ${active.cost_line || active.cost}`]
     : ["no active policy in Redis (pass --redis-url); from results: " + (seen.join(", ") || "–")];
   for (const text of lines) { const div = document.createElement("div"); div.textContent = text; pol.appendChild(div); }
   // Swaps as the results show them (first sample decided by the new version) and as control set them.
