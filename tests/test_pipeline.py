@@ -153,10 +153,10 @@ def test_replay_device_cloud_results(broker, redis_server, topic_prefix, tiny_mo
             assert abs(r["confidence"] - float(full.max())) < 5e-3
             assert r["prediction"] == int(full.argmax()) or abs(full[0] - full[1]) < 1e-2
             assert r["bytes_offloaded"] > 2 * 32 * batch["input_ids"].shape[1]  # the float16 hidden state
-    # Costs follow the splitee preset: λ1·2 + λ2·2 device + o offload for the offloaded ones.
+    # Costs follow the splitee preset at this depth: λ1·2 + λ2·2 device + o = 5λ·L/12 for the offloaded ones.
     from stream.costs import splitee
     for r in offloaded[:5]:
-        assert r["cost"]["total"] == pytest.approx(2 * 6 / 7 + 2 * 1 / 7 + splitee().offload_cloud)
+        assert r["cost"]["total"] == pytest.approx(2 * 6 / 7 + 2 * 1 / 7 + 5 * tiny_model.num_layers / 12)
 
 
 def test_dimee_style_edge_and_raw_input(broker, redis_server, topic_prefix, tiny_model):
