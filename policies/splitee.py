@@ -32,7 +32,7 @@ same regret as the oracle side information, ``mean`` about a third more).
 
 >>> from stream.costs import splitee
 >>> from policies.base import StateView
->>> p = SplitEE(cost=splitee(offload=5.0), num_layers=3, alpha=0.8, beta=1.0)
+>>> p = SplitEE(cost=splitee(offload=5.0), num_layers=3, alpha=0.8, beta=1.0, bonus="ucb1")
 >>> p.pull(StateView())                                   # nothing played yet: arm 1 first
 1
 >>> state = StateView({"t": 3.0, "n1": 1.0, "s1": 0.3, "n2": 1.0, "s2": 0.7, "n3": 1.0, "s3": 0.6})
@@ -271,7 +271,8 @@ class SplitEE(SplitArms, Policy):
                 out.append(mean + self.beta * math.sqrt(width))
                 continue
             var = max(0.0, state.number(f"v{i}") / n - mean * mean) if n > 0 else 0.25
-            out.append(min(mean + self.beta * math.sqrt(width * min(0.25, var + math.sqrt(2 * width))), best))
+            index = mean + self.beta * math.sqrt(width * min(0.25, var + math.sqrt(2 * width)))
+            out.append(min(index, best) if n > 0 else index)   # all pending: optimistic, unclipped
         return out
 
     def pull(self, state: StateView) -> int:

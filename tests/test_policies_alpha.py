@@ -171,9 +171,11 @@ def test_online_alpha_beats_a_too_strict_fixed_alpha_within_the_target():
     m = synthetic_matrix(3000, layers=4, seed=12)
     cost = splitee(num_layers=4)
     strict = evaluate(build("splitee", {"alpha": "0.97", "alpha_rule": "fixed"}, cost=cost, num_layers=4), m, runs=2)
-    online = evaluate(build("splitee", {"alpha": "0.97", "target": "0.01"}, cost=cost, num_layers=4), m, runs=2)
-    assert online["cost"] < strict["cost"]
-    assert online["accuracy_drop"] <= 0.02
+    # the disagreement loss bounds the drop of the exits it allows; the bandit's own exploration adds a little
+    online = evaluate(build("splitee", {"alpha": "0.97", "target": "0.01", "loss": "disagree"}, cost=cost,
+                            num_layers=4), m, runs=2)
+    assert online["cost"] < 0.9 * strict["cost"]
+    assert online["accuracy_drop"] <= 0.025
 
 
 def test_bin_of_edges():

@@ -30,7 +30,8 @@ def test_eq1_exit_reward_uses_lambda1_i_plus_lambda2():
     assert start == {"t": 1.0, "p2": 1.0}                     # in flight until its reward is known
     trace = Trace(device_layers=2, device_exits=1)
     delta = p.learn(Event("decision", "a", p.context(obs, Exit()), trace, obs), StateView())
-    assert delta == {"p2": -1.0, "n2": 1.0, "s2": pytest.approx(0.95 - 0.1 * (2 * LAM1 + LAM2))}
+    r = 0.95 - 0.1 * (2 * LAM1 + LAM2)
+    assert delta == {"p2": -1.0, "n2": 1.0, "s2": pytest.approx(r), "v2": pytest.approx(r * r)}
 
 
 def test_eq1_offload_reward_arrives_in_feedback_with_c_last():
@@ -41,7 +42,8 @@ def test_eq1_offload_reward_arrives_in_feedback_with_c_last():
     assert p.learn(Event("decision", "b", {"arm": 1}, device, obs), StateView()) == {}  # still pending
     full = Trace(device_layers=1, device_exits=1, tier="cloud", cloud_layers=3)
     delta = p.learn(feedback_event("b", {"arm": 1}, full, Feedback(4, np.array([0.1, 0.9]))), StateView())
-    assert delta == {"p1": -1.0, "n1": 1.0, "s1": pytest.approx(0.9 - 0.1 * (LAM1 + LAM2 + 3.0))}
+    r = 0.9 - 0.1 * (LAM1 + LAM2 + 3.0)
+    assert delta == {"p1": -1.0, "n1": 1.0, "s1": pytest.approx(r), "v1": pytest.approx(r * r)}
 
 
 def test_last_layer_always_exits():
@@ -50,7 +52,7 @@ def test_last_layer_always_exits():
 
 
 def test_ucb_plays_each_arm_once_then_maximises_the_index():
-    p = SplitEE(cost=splitee(), num_layers=3, alpha=0.8, beta=1.0)
+    p = SplitEE(cost=splitee(), num_layers=3, alpha=0.8, beta=1.0, bonus="ucb1")  # Algorithm 1 as printed
     assert p.pull(StateView()) == 1
     assert p.pull(StateView({"t": 1.0, "n1": 1.0, "s1": 0.9})) == 2
     state = StateView({"t": 10.0, "n1": 5.0, "s1": 2.5, "n2": 3.0, "s2": 2.1, "n3": 2.0, "s3": 0.2})
@@ -61,7 +63,7 @@ def test_ucb_plays_each_arm_once_then_maximises_the_index():
 
 
 def test_pending_pulls_count_in_the_exploration_term():
-    p = SplitEE(cost=splitee(), num_layers=2, alpha=0.8, beta=1.0)
+    p = SplitEE(cost=splitee(), num_layers=2, alpha=0.8, beta=1.0, bonus="ucb1")
     # arm 1: 1 reward + 3 pending; arm 2: 1 reward.  t = 5.
     state = StateView({"t": 5.0, "n1": 1.0, "s1": 0.5, "p1": 3.0, "n2": 1.0, "s2": 0.3})
     assert p.index(state) == pytest.approx([0.5 + math.sqrt(math.log(5) / 4), 0.3 + math.sqrt(math.log(5) / 1)])
@@ -72,7 +74,7 @@ def test_pending_pulls_count_in_the_exploration_term():
 
 def test_a_batch_spreads_over_arms_while_rewards_are_pending():
     """All samples of a batch are offloaded and nothing has come back: UCB still explores every arm."""
-    p = SplitEE(cost=splitee(), num_layers=4, alpha=1.0, beta=1.0)
+    p = SplitEE(cost=splitee(), num_layers=4, alpha=1.0, beta=1.0, alpha_rule="fixed")
     view = StateView()
     obs = [Observation(f"s{i}", 4) for i in range(12)]
     rows = np.full((12, 4, 2), 0.5, dtype=np.float32)
@@ -127,11 +129,12 @@ def test_splitee_s_offloaded_sample_leaves_unconfident_arms_pending_until_feedba
     device = Trace(3, 3, tier="cloud")
     delta = p.learn(Event("decision", "f", ctx, device, obs), StateView())
     # arm 3 (played) is resolved and pending again at once: no net change; arm 1 waits for C_L too
-    assert delta == {"p1": 1.0, "n2": 1.0, "s2": pytest.approx(0.85 - 0.2)}
+    assert delta == {"p1": 1.0, "n2": 1.0, "s2": pytest.approx(0.85 - 0.2), "v2": pytest.approx(0.65 ** 2)}
     full = Trace(3, 3, tier="cloud", cloud_layers=1)
     back = p.learn(feedback_event("f", ctx, full, Feedback(4, np.array([0.95, 0.05]))), StateView())
     assert back == {"cl_n": 1.0, "cl_s": pytest.approx(0.95), "p1": -1.0, "n1": 1.0,
-                    "s1": pytest.approx(0.95 - 0.1 * 6), "p3": -1.0, "n3": 1.0, "s3": pytest.approx(0.95 - 0.1 * 8)}
+                    "s1": pytest.approx(0.95 - 0.1 * 6), "v1": pytest.approx(0.35 ** 2), "p3": -1.0, "n3": 1.0,
+                    "s3": pytest.approx(0.95 - 0.1 * 8), "v3": pytest.approx(0.15 ** 2)}
 
 
 def test_splitee_s_oracle_reads_hindsight_and_is_offline_only():
