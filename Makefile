@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOME_DIR  ?= $(or $(EXITFLOW_HOME),$(HOME)/.cache/exitflow)
 CAL_MATRIX := $(HOME_DIR)/matrices/sst2-dev.npz
 CAL        := $(HOME_DIR)/calibration/splitee.json
-DEMO_ARGS ?= --dataset imdb --limit 2000 --policy splitee --set calibration=$(CAL) --json artifacts/demo.json
+DEMO_ARGS ?= --dataset imdb --limit 2000 --rate 30 --policy splitee --set calibration=$(CAL) --json artifacts/demo.json
 
 .PHONY: install run test bench fault soak reproduce clean
 

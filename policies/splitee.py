@@ -271,9 +271,22 @@ class SplitEE(SplitArms, Policy):
                 out.append(mean + self.beta * math.sqrt(width))
                 continue
             var = max(0.0, state.number(f"v{i}") / n - mean * mean) if n > 0 else 0.25
+            mean = self._with_pending(i, n, pending, mean, state)
             index = mean + self.beta * math.sqrt(width * min(0.25, var + math.sqrt(2 * width)))
-            out.append(min(index, best) if n > 0 else index)   # all pending: optimistic, unclipped
+            out.append(min(index, best))   # no arm can earn more than 1 − μγ_i, pending or not
         return out
+
+    def _with_pending(self, arm: int, n: float, pending: float, mean: float, state: StateView) -> float:
+        """The mean with pending pulls scored as offloads: exits resolve at once and offloads only with feedback,
+        so under a feedback delay the completed rewards alone overrate an arm by its pending offloads."""
+        done = state.number(f"on{arm}")
+        if done > 0:
+            guess = state.number(f"os{arm}") / done
+        elif state.number("ocl_n") > 0:
+            guess = state.number("ocl_s") / state.number("ocl_n") - self.cost.mu * self.arm_cost(arm, "cloud")
+        else:
+            return mean
+        return (mean * n + guess * pending) / (n + pending)
 
     def pull(self, state: StateView) -> int:
         """The arm (split layer, 1-based) for the next sample; ties go to the shallower layer."""
@@ -298,9 +311,13 @@ class SplitEE(SplitArms, Policy):
         return self.reward_exit(conf, self.arm_trace(arm, "device"))
 
     @staticmethod
-    def scored(arm: int, reward: float) -> Delta:
-        """One completed reward of ``arm``: count, sum and sum of squares (UCB1-Tuned's variance)."""
-        return {f"n{arm}": 1.0, f"s{arm}": reward, f"v{arm}": reward * reward}
+    def scored(arm: int, reward: float, offload: bool = False) -> Delta:
+        """One completed reward of ``arm``: count, sum and sum of squares (UCB1-Tuned's variance); for an
+        offload also its own count and sum, which score the arm's pending pulls."""
+        out = {f"n{arm}": 1.0, f"s{arm}": reward, f"v{arm}": reward * reward}
+        if offload:
+            out.update({f"on{arm}": 1.0, f"os{arm}": reward})
+        return out
 
     def learn(self, event: Event, state: StateView) -> Delta:
         ctx = event.context
@@ -312,7 +329,8 @@ class SplitEE(SplitArms, Policy):
             if ctx.get("probe"):         # scored as the exit it would have been, at decision
                 return delta
             reward = self.reward_exit(event.feedback.confidence, event.trace)
-            return {**delta, f"p{arm}": -1.0, **self.scored(arm, reward)}
+            return {**delta, f"p{arm}": -1.0, **self.scored(arm, reward, offload=True), "ocl_n": 1.0,
+                    "ocl_s": event.feedback.confidence}
         delta = self.alpha_decided({arm: event.observation.confidence(arm)})
         if event.trace.tier == "device" or ctx.get("probe"):
             reward = self.exit_reward(arm, event.observation.confidence(arm))
@@ -398,6 +416,8 @@ class SplitEES(SplitEE):
             c_last = event.feedback.confidence
             delta.update(self.alpha_observed(dict(enumerate(zip(conf, ctx["preds"]), start=1)), event.feedback.probs)
                          if "preds" in ctx else {})
+            add("ocl_n", 1.0)
+            add("ocl_s", c_last)
             if self.side_info == "observed":
                 add("cl_n", 1.0)
                 add("cl_s", c_last)
@@ -405,7 +425,7 @@ class SplitEES(SplitEE):
                 if c < a and j < self.num_layers and self.side_info == "observed":
                     _, reward = self._side(j, c, c_last, a)
                     add(f"p{j}", -1.0)
-                    for key, value in self.scored(j, reward).items():
+                    for key, value in self.scored(j, reward, offload=True).items():
                         add(key, value)
             return delta
         delta.update(self.alpha_decided(dict(enumerate(conf, start=1))))

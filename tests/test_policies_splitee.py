@@ -74,7 +74,7 @@ def test_pending_pulls_count_in_the_exploration_term():
 
 def test_a_batch_spreads_over_arms_while_rewards_are_pending():
     """All samples of a batch are offloaded and nothing has come back: UCB still explores every arm."""
-    p = SplitEE(cost=splitee(), num_layers=4, alpha=1.0, beta=1.0, alpha_rule="fixed")
+    p = SplitEE(cost=splitee(), num_layers=4, alpha=1.0, beta=1.0, alpha_rule="fixed", bonus="ucb1")
     view = StateView()
     obs = [Observation(f"s{i}", 4) for i in range(12)]
     rows = np.full((12, 4, 2), 0.5, dtype=np.float32)
