@@ -207,3 +207,11 @@ def test_reproduce_table_builder_on_generated_matrices(tmp_path):
     assert len(data["rows"]) == len(rows)
     with pytest.raises(ConfigError, match="no published row for dataset 'mnist'"):
         run({"mnist": (target, source)}, runs=1, sweep=False)
+
+
+def test_default_bandits_regret_per_sample_falls_with_t():
+    m = synthetic_matrix(1500, seed=5)
+    for name in ("splitee", "splitee-s"):
+        r = evaluate(build(name, {"alpha": "0.8"}, cost=splitee(num_layers=6), num_layers=6), m, runs=2, seed=1)
+        per_t = r["regret_per_t"]
+        assert per_t["1000"] < per_t["250"] < per_t["100"], (name, per_t)

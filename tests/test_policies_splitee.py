@@ -43,7 +43,8 @@ def test_eq1_offload_reward_arrives_in_feedback_with_c_last():
     full = Trace(device_layers=1, device_exits=1, tier="cloud", cloud_layers=3)
     delta = p.learn(feedback_event("b", {"arm": 1}, full, Feedback(4, np.array([0.1, 0.9]))), StateView())
     r = 0.9 - 0.1 * (LAM1 + LAM2 + 3.0)
-    assert delta == {"p1": -1.0, "n1": 1.0, "s1": pytest.approx(r), "v1": pytest.approx(r * r)}
+    assert delta == {"p1": -1.0, "n1": 1.0, "s1": pytest.approx(r), "v1": pytest.approx(r * r),
+                     "on1": 1.0, "os1": pytest.approx(r), "ocl_n": 1.0, "ocl_s": pytest.approx(0.9)}
 
 
 def test_last_layer_always_exits():
@@ -132,9 +133,11 @@ def test_splitee_s_offloaded_sample_leaves_unconfident_arms_pending_until_feedba
     assert delta == {"p1": 1.0, "n2": 1.0, "s2": pytest.approx(0.85 - 0.2), "v2": pytest.approx(0.65 ** 2)}
     full = Trace(3, 3, tier="cloud", cloud_layers=1)
     back = p.learn(feedback_event("f", ctx, full, Feedback(4, np.array([0.95, 0.05]))), StateView())
-    assert back == {"cl_n": 1.0, "cl_s": pytest.approx(0.95), "p1": -1.0, "n1": 1.0,
-                    "s1": pytest.approx(0.95 - 0.1 * 6), "v1": pytest.approx(0.35 ** 2), "p3": -1.0, "n3": 1.0,
-                    "s3": pytest.approx(0.95 - 0.1 * 8), "v3": pytest.approx(0.15 ** 2)}
+    assert back == {"cl_n": 1.0, "cl_s": pytest.approx(0.95), "ocl_n": 1.0, "ocl_s": pytest.approx(0.95),
+                    "p1": -1.0, "n1": 1.0, "s1": pytest.approx(0.95 - 0.1 * 6), "v1": pytest.approx(0.35 ** 2),
+                    "on1": 1.0, "os1": pytest.approx(0.35), "p3": -1.0, "n3": 1.0,
+                    "s3": pytest.approx(0.95 - 0.1 * 8), "v3": pytest.approx(0.15 ** 2), "on3": 1.0,
+                    "os3": pytest.approx(0.15)}
 
 
 def test_splitee_s_oracle_reads_hindsight_and_is_offline_only():
@@ -161,7 +164,7 @@ def test_regret_is_sublinear_and_side_information_helps():
     cost = splitee(offload=5.0)
     runs = {}
     for name in ("splitee", "splitee-s"):
-        p = build(name, {"alpha": "0.8", "alpha_rule": "fixed"}, cost=cost, num_layers=6)
+        p = build(name, {"alpha": "0.8", "alpha_rule": "fixed", "bonus": "ucb1"}, cost=cost, num_layers=6)
         runs[name] = evaluate(p, m, runs=2, seed=1)
     for r in runs.values():
         per_t = r["regret_per_t"]
