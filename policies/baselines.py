@@ -186,14 +186,6 @@ class RandomExit(SplitArms, Policy):
             return Continue(int(self.sample_rng(obs.sample_id).integers(1, self.num_layers + 1)), exits="last")
         return self.split_action(obs, state)
 
-    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
-        if isinstance(action, Continue):
-            return {"arm": action.to_layer}
-        out: dict[str, Any] = {"arm": obs.layer, "c": obs.confidence(), "y": int(np.argmax(obs.probs[obs.layer]))}
-        if isinstance(action, Offload) and action.probe:
-            out["probe"] = True
-        return out
-
     def learn(self, event: Event, state: StateView) -> Delta:
         """Random-exit picks its split blindly; with ``alpha_rule=online`` it learns only the α estimate."""
         ctx = event.context

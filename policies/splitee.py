@@ -169,6 +169,15 @@ class SplitArms:
             return Offload("cloud", probe=True) if self.is_probe(obs.sample_id) else Exit()
         return Offload("cloud")
 
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
+        """The arm; at the split also C_i, ŷ_i (scored against the final exit in feedback) and a probe flag."""
+        if isinstance(action, Continue):
+            return {"arm": action.to_layer}
+        out: dict[str, Any] = {"arm": obs.layer, "c": obs.confidence(), "y": int(np.argmax(obs.probs[obs.layer]))}
+        if isinstance(action, Offload) and action.probe:
+            out["probe"] = True
+        return out
+
     def _onehot(self, conf: float, weight: float = 1.0) -> np.ndarray:
         v = np.zeros(self.bins)
         v[bin_of(conf, self.num_classes, self.bins)] = weight
@@ -297,14 +306,6 @@ class SplitEE(SplitArms, Policy):
         if obs.layer == 0:
             return Continue(self.pull(state), exits=self.exits)
         return self.split_action(obs, state)
-
-    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
-        if isinstance(action, Continue):
-            return {"arm": action.to_layer}
-        out: dict[str, Any] = {"arm": obs.layer, "c": obs.confidence(), "y": int(np.argmax(obs.probs[obs.layer]))}
-        if isinstance(action, Offload) and action.probe:
-            out["probe"] = True
-        return out
 
     def exit_reward(self, arm: int, conf: float) -> float:
         """Eq. 1 for exiting at ``arm`` with confidence ``conf`` (one exit evaluated, SplitEE; all, SplitEE-S)."""
