@@ -15,6 +15,12 @@ uses ``N(i) + P(i)`` in the exploration term (a pending pull already shrinks the
 of one batch, or of a slow cloud's backlog, do not all go to the same arm), ``t`` counts every pull,
 and Q(i) averages completed rewards only. An arm whose pulls are all still
 pending has no mean yet: it is scored by its best possible reward ``1 - μ γ_i`` (optimistic, bounded).
+
+``bonus="ucb1"`` is that index as printed. ``bonus="tuned"`` (default) is UCB1-Tuned (Auer et al. 2002:
+the bonus scaled by the arm's reward variance, state ``v<i>`` = sum of squares), clipped at ``1 - μ γ_i``,
+with pending pulls scored at the arm's mean offload reward (``on<i>``, ``os<i>``; before any, the mean
+C_L seen, ``ocl_n``/``ocl_s``): exits complete at once and offloads only with feedback, so under a delay
+the completed rewards alone overrate an arm. α per arm: see :class:`SplitArms` and :mod:`policies.alpha`.
 Arms never pulled (N + P = 0) are played first, lowest layer first (Algorithm 1 line 3).
 
 State (additive): ``t``; per arm ``n<i>`` (completed rewards), ``s<i>`` (their sum), ``p<i>`` (pending).
