@@ -24,8 +24,8 @@ def add_policy_args(p) -> None:
 def policy_spec(args):
     from policies.control import ActiveSpec
     from policies.registry import parse_sets
-    return ActiveSpec(args.policy, parse_sets(args.set), args.cost_model,
-                      {k: float(v) for k, v in parse_sets(args.cost).items()})
+    from stream.costs import parse_overrides
+    return ActiveSpec(args.policy, parse_sets(args.set), args.cost_model, parse_overrides(args.cost))
 
 
 def register(subparsers) -> None:

@@ -59,9 +59,9 @@ def bin_of(conf: float, classes: int, bins: int) -> int:
     return int(min(bins - 1, max(0, np.floor((conf - low) / (1.0 - low) * bins))))
 
 
-def sample_loss(exit_probs: np.ndarray, final_probs: np.ndarray, kind: LossKind = "teacher") -> float:
-    """Estimated accuracy lost by answering with ``exit_probs`` instead of the final exit (see the docstring)."""
-    pred, final = int(np.argmax(exit_probs)), int(np.argmax(final_probs))
+def sample_loss(pred: int, final_probs: np.ndarray, kind: LossKind = "teacher") -> float:
+    """Estimated accuracy lost by answering class ``pred`` instead of the final exit (see the module docstring)."""
+    pred, final = int(pred), int(np.argmax(final_probs))
     if pred == final:
         return 0.0
     if kind == "disagree":
@@ -81,8 +81,10 @@ def estimate_alpha(mass: np.ndarray, seen: np.ndarray, loss: np.ndarray, *, clas
         raise ConfigError("alpha estimate: no samples at this arm yet")
     tail_seen, tail_loss = np.cumsum(seen[::-1])[::-1], np.cumsum(loss[::-1])[::-1]
     # The tail rate of bin b (all observations at or above it), carried down from below where none exist.
-    tail = np.where(tail_seen > 0, tail_loss / np.maximum(tail_seen, 1e-12), np.nan)
-    tail = _fill_up(tail, loss.sum() / seen.sum() if seen.sum() > 0 else 1.0)
+    # Bins with nothing at or above them form a top run; they take the highest tail rate below it.
+    tail = tail_loss / np.maximum(tail_seen, 1e-12)
+    observed = np.nonzero(tail_seen > 0)[0]
+    tail[observed[-1] + 1 if len(observed) else 0:] = tail[observed[-1]] if len(observed) else 1.0
     rate = np.where(seen + prior > 0, (loss + prior * tail) / np.maximum(seen + prior, 1e-12), tail)
     drop = np.cumsum((mass * rate)[::-1])[::-1] / total    # drop[b]: exit every bin >= b
     edges = bin_edges(classes, len(mass))
@@ -91,31 +93,6 @@ def estimate_alpha(mass: np.ndarray, seen: np.ndarray, loss: np.ndarray, *, clas
         return 1.0, 0.0
     b = int(ok[0])
     return float(edges[b]), float(drop[b])
-
-
-def _fill_up(values: np.ndarray, default: float) -> np.ndarray:
-    """NaNs replaced by the nearest finite value below them (``default`` when there is none)."""
-    out, last = values.copy(), default
-    for b in range(len(out)):
-        if np.isnan(out[b]):
-            out[b] = last
-        else:
-            last = out[b]
-    return out
-
-
-def check_settings(policy: str, target: float, probe: float, bins: int, prior: float, loss: str) -> None:
-    if not 0.0 <= target < 1.0:
-        raise ConfigError(f"policy {policy!r}: target (accuracy drop allowed) must be in [0, 1), got {target!r}")
-    if not 0.0 <= probe <= 1.0:
-        raise ConfigError(f"policy {policy!r}: probe (share of confident samples offloaded) must be in [0, 1], "
-                          f"got {probe!r}")
-    if bins < 2:
-        raise ConfigError(f"policy {policy!r}: bins must be >= 2, got {bins!r}")
-    if prior < 0:
-        raise ConfigError(f"policy {policy!r}: prior must be >= 0, got {prior!r}")
-    if loss not in ("teacher", "disagree"):
-        raise ConfigError(f"policy {policy!r}: loss must be 'teacher' or 'disagree', got {loss!r}")
 
 
 def alpha_from_matrix(probs: np.ndarray, arm: int, *, target: float, loss: LossKind = "teacher",

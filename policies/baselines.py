@@ -29,7 +29,7 @@ from stream.errors import ConfigError
 
 from policies.base import Action, Continue, Delta, Event, Exit, Observation, Offload, Policy, StateView
 from policies.calibration import calibration_digest, load_calibration
-from policies.splitee import ONLINE_TARGET, SplitArms, choose_alpha
+from policies.splitee import SplitArms
 
 
 class FinalExit(Policy):
@@ -164,22 +164,6 @@ class RandomExit(SplitArms, Policy):
     """
 
     name = "random-exit"
-
-    def __init__(self, *, alpha: float | None = None, calibration: str | None = None,
-                 alpha_rule: str = "online", target: float = ONLINE_TARGET, probe: float = 0.05,
-                 loss: str = "teacher", bins: int = 50, prior: float = 0.0, warmup: int = 30, **kw) -> None:
-        super().__init__(**kw)
-        self.calibration = load_calibration(calibration, self.name, accept=("splitee",))
-        self.alpha = self.setting("alpha", self.calibration.get("alpha", 0.9) if alpha is None else alpha,
-                                  float, 0.0, 1.0)
-        self.alpha_settings(alpha_rule=alpha_rule, target=target, probe=probe, loss=loss, bins=bins, prior=prior,
-                            warmup=warmup)
-
-    calibrate = staticmethod(choose_alpha)
-
-    def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "seed": self.seed, "calibration": calibration_digest(self.calibration),
-                **self.alpha_params()}
 
     def decide(self, obs: Observation, state: StateView) -> Action:
         if obs.layer == 0:

@@ -117,15 +117,9 @@ def _overrides(args) -> dict[str, float]:
 
 def _cost(args, num_layers: int):
     """The chosen preset scaled to ``num_layers`` (the papers' 12-layer figures by L/12), then --offload-cost / --cost."""
-    from policies.registry import parse_sets
-    from stream.costs import preset
+    from stream.costs import parse_overrides, preset
 
-    extra = {}
-    for key, value in parse_sets(getattr(args, "cost", None)).items():
-        try:
-            extra[key] = float(value)
-        except ValueError:
-            raise ConfigError(f"--cost {key}={value!r}: expected a number") from None
+    extra = parse_overrides(getattr(args, "cost", None))
     return preset(args.cost_model, num_layers=num_layers, **{**_overrides(args), **extra})
 
 

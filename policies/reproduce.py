@@ -31,7 +31,7 @@ PAIRS = {"imdb": "sst2", "scitail": "rte", "qqp": "mrpc"}
 PAPER_VARIANT = "alpha_rule=fixed,bonus=ucb1"
 SPECS = (
     ("final-exit", "final-exit"),
-    ("random-exit", f"random-exit[alpha_rule=fixed]"),
+    ("random-exit", "random-exit[alpha_rule=fixed]"),
     ("static-entropy", "static-entropy"),
     ("static-maxprob", "static-maxprob"),
     ("splitee", f"splitee[{PAPER_VARIANT}]"),

@@ -60,7 +60,7 @@ from stream.costs import CostModel, Trace
 from stream.errors import ConfigError
 
 from policies.base import Action, Continue, Delta, Event, Exit, ExitMode, Observation, Offload, Policy, StateView
-from policies.alpha import alpha_from_matrix, bin_of, check_settings, estimate_alpha, sample_loss
+from policies.alpha import LossKind, alpha_from_matrix, bin_of, estimate_alpha, sample_loss
 from policies.calibration import calibration_digest, load_calibration
 
 
@@ -117,29 +117,37 @@ class SplitArms:
 
     num_layers: int
     num_classes: int
-    alpha: float
     cost: CostModel
     exits: ClassVar[ExitMode] = "last"
-    alpha_rule: str = "fixed"
 
-    def alpha_settings(self, *, alpha_rule: str, target: float, probe: float, loss: str, bins: int,
-                       prior: float, warmup: int) -> None:
+    def __init__(self, *, alpha: float | None = None, calibration: str | None = None,
+                 alpha_rule: AlphaRule = "online", target: float = ONLINE_TARGET, probe: float = 0.05,
+                 loss: LossKind = "teacher", bins: int = 50, prior: float = 0.0, warmup: int = 30, **kw) -> None:
+        super().__init__(**kw)
+        self.calibration = load_calibration(calibration, self.name, accept=("splitee",))
+        self.alpha = self.setting("alpha", self.calibration.get("alpha", 0.9) if alpha is None else alpha,
+                                  float, 0.0, 1.0)
         if alpha_rule not in ("online", "fixed"):
             raise ConfigError(f"policy {self.name!r}: alpha_rule must be 'online' or 'fixed', got {alpha_rule!r}")
-        self.alpha_rule = alpha_rule
+        if loss not in ("teacher", "disagree"):
+            raise ConfigError(f"policy {self.name!r}: loss must be 'teacher' or 'disagree', got {loss!r}")
+        self.alpha_rule, self.loss = alpha_rule, loss
         self.target = self.setting("target", target, float, 0.0, 1.0)
         self.probe = self.setting("probe", probe, float, 0.0, 1.0)
         self.bins = self.setting("bins", bins, int, 2)
         self.prior = self.setting("prior", prior, float, 0.0)
         self.warmup = self.setting("warmup", warmup, int, 0)
-        check_settings(self.name, self.target, self.probe, self.bins, self.prior, loss)
-        self.loss = loss
 
-    def alpha_params(self) -> dict[str, Any]:
-        if self.alpha_rule == "fixed":
-            return {"alpha_rule": "fixed"}
-        return {"alpha_rule": "online", "target": self.target, "probe": self.probe, "loss": self.loss,
-                "bins": self.bins, "prior": self.prior, "warmup": self.warmup}
+    calibrate = staticmethod(choose_alpha)
+
+    def params(self) -> dict[str, Any]:
+        """α, its rule's settings, the seed and the calibration digest (subclasses add their own)."""
+        out = {"alpha": self.alpha, "seed": self.seed, "calibration": calibration_digest(self.calibration),
+               "alpha_rule": self.alpha_rule}
+        if self.alpha_rule == "online":
+            out.update(target=self.target, probe=self.probe, loss=self.loss, bins=self.bins, prior=self.prior,
+                       warmup=self.warmup)
+        return out
 
     def alpha_for(self, arm: int, state: StateView) -> float:
         """α of ``arm`` now: the fixed one, or the online estimate once ``warmup`` samples were observed."""
@@ -203,10 +211,8 @@ class SplitArms:
         for j, (c, y) in preds.items():
             if j >= self.num_layers:
                 continue
-            onehot = np.zeros(self.num_classes)
-            onehot[int(y)] = 1.0
             out[f"ao{j}"] = self._onehot(c)
-            out[f"al{j}"] = self._onehot(c, sample_loss(onehot, np.asarray(final), self.loss))  # type: ignore[arg-type]
+            out[f"al{j}"] = self._onehot(c, sample_loss(y, np.asarray(final), self.loss))
         return out
 
     def hindsight_alphas(self, probs: np.ndarray) -> list[float]:
@@ -242,27 +248,15 @@ class SplitEE(SplitArms, Policy):
     name = "splitee"
     exits: ClassVar[ExitMode] = "last"
 
-    def __init__(self, *, alpha: float | None = None, beta: float = 1.0, calibration: str | None = None,
-                 alpha_rule: AlphaRule = "online", target: float = ONLINE_TARGET, probe: float = 0.05,
-                 loss: str = "teacher", bins: int = 50, prior: float = 0.0, warmup: int = 30,
-                 bonus: Literal["tuned", "ucb1"] = "tuned", **kw) -> None:
+    def __init__(self, *, beta: float = 1.0, bonus: Literal["tuned", "ucb1"] = "tuned", **kw) -> None:
         super().__init__(**kw)
-        self.calibration = load_calibration(calibration, self.name, accept=("splitee",))
-        if alpha is None:
-            alpha = self.calibration.get("alpha", 0.9)
-        self.alpha = self.setting("alpha", alpha, float, 0.0, 1.0)
         self.beta = self.setting("beta", beta, float, 0.0)
         if bonus not in ("tuned", "ucb1"):
             raise ConfigError(f"policy {self.name!r}: bonus must be 'tuned' or 'ucb1', got {bonus!r}")
         self.bonus = bonus
-        self.alpha_settings(alpha_rule=alpha_rule, target=target, probe=probe, loss=loss, bins=bins, prior=prior,
-                            warmup=warmup)
-
-    calibrate = staticmethod(choose_alpha)
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta": self.beta, "bonus": self.bonus, "seed": self.seed,
-                "calibration": calibration_digest(self.calibration), **self.alpha_params()}
+        return {**super().params(), "beta": self.beta, "bonus": self.bonus}
 
     @functools.cached_property
     def _best_reward(self) -> list[float]:

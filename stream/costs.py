@@ -157,6 +157,20 @@ def dimee(fee: float = 1.0, num_layers: int | None = None) -> CostModel:
 PRESETS = {"splitee": splitee, "dimee": dimee}
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, float]:
+    """``--cost KEY=VALUE`` items as numbers: ``['mu=0.05']`` → ``{'mu': 0.05}``; fields are checked by the preset."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--cost expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--cost {key.strip()}={value.strip()!r}: expected a number") from None
+    return out
+
+
 def preset(name: str, num_layers: int | None = None, **overrides: float) -> CostModel:
     """A named preset for an ``num_layers``-layer model, optionally overridden (``preset('splitee', offload_cloud=3)``).
 

@@ -55,9 +55,9 @@ def test_eval_takes_cost_overrides_and_reports_o_and_its_ratio(tmp_path, capsys)
 # -- the online α estimate --------------------------------------------------------------------------
 def test_sample_loss_teacher_and_disagree():
     final = np.array([0.2, 0.8])
-    assert sample_loss(np.array([0.3, 0.7]), final) == 0.0                   # they agree: nothing lost
-    assert sample_loss(np.array([0.9, 0.1]), final) == pytest.approx(0.6)    # p_L(ŷ_L) − p_L(ŷ_i)
-    assert sample_loss(np.array([0.9, 0.1]), final, "disagree") == 1.0
+    assert sample_loss(1, final) == 0.0                            # they agree: nothing lost
+    assert sample_loss(0, final) == pytest.approx(0.6)             # p_L(ŷ_L) − p_L(ŷ_i)
+    assert sample_loss(0, final, "disagree") == 1.0
 
 
 def test_estimate_alpha_by_hand_with_tail_prior():
