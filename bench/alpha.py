@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ("validation (paper)", "splitee", target, {"alpha": alpha_val, "alpha_rule": "fixed"}),
         ("temperature-scaled validation", "splitee", scaled_target, {"alpha": alpha_temp, "alpha_rule": "fixed"}),
         ("online, disagree, 1 pt", "splitee", target, {"alpha": alpha_val, "loss": "disagree", "target": 0.01}),
+        ("online, teacher, 0.5 pt", "splitee", target, {"alpha": alpha_val, "target": 0.005}),
         ("online, teacher, 1 pt", "splitee", target, {"alpha": alpha_val}),
         ("online, teacher, 1 pt (SplitEE-S)", "splitee-s", target, {"alpha": alpha_val}),
         ("authors' fixed IMDb α = 0.7", "splitee", target, {"alpha": 0.7, "alpha_rule": "fixed"}),
