@@ -109,7 +109,7 @@ def run(matrices: dict[str, tuple[Any, Any]], *, runs: int = 20, sweep_runs: int
 
 def table(result: dict[str, Any], reading: str = "depth") -> str:
     """Table 2's shape: per dataset and policy, ours (accuracy, Δacc, cost ratio, Δcost) beside the paper's Δ."""
-    head = (f"{'dataset':<8} {'policy':<44} {'acc %':>6} {'Δacc':>6} {'Δcost':>7} {'offload':>7} {'arm':>5} "
+    head = (f"{'dataset':<8} {'policy':<56} {'acc %':>6} {'Δacc':>6} {'Δcost':>7} {'offload':>7} {'arm':>5} "
             f"{'paper Δacc':>10} {'paper Δcost':>11}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
@@ -120,7 +120,7 @@ def table(result: dict[str, Any], reading: str = "depth") -> str:
         pa = "" if r["paper_delta_acc"] is None else f"{r['paper_delta_acc']:+.1f}"
         pc = "" if r["paper_delta_cost"] is None else f"{r['paper_delta_cost']:+.1f}%"
         arm = f"{r['most_played_arm'] or '-'}/{r['best_fixed_arm']}"
-        lines.append(f"{r['dataset']:<8} {r['policy']:<44} {acc:>6} {dacc:>6} {r['delta_cost']:+6.1f}% "
+        lines.append(f"{r['dataset']:<8} {r['policy']:<56} {acc:>6} {dacc:>6} {r['delta_cost']:+6.1f}% "
                      f"{r['offload_rate']:7.2f} {arm:>5} {pa:>10} {pc:>11}")
     rows = [r for r in result["rows"] if r["reading"] == reading]
     if rows:
