@@ -56,34 +56,13 @@ def fit_temperatures(matrix) -> np.ndarray:
     return np.array(best)
 
 
-def hindsight(matrix, cost) -> dict:
-    """Best fixed (split, α) on the target's labels whose accuracy is within 1 pt of the final exit."""
-    from policies.splitee import SplitEE
-
-    probe = SplitEE(cost=cost, num_layers=matrix.num_layers, num_classes=matrix.num_classes, alpha_rule="fixed")
-    conf = matrix.probs.max(-1)
-    correct = matrix.probs.argmax(-1) == matrix.labels[:, None]
-    final = correct[:, -1].mean()
-    best = None
-    for arm in range(1, matrix.num_layers + 1):
-        stay, away = probe.arm_cost(arm, "device"), probe.arm_cost(arm, "cloud")
-        for alpha in np.arange(1.0 / matrix.num_classes, 1.0001, 0.01):
-            ex = (conf[:, arm - 1] >= alpha) | (arm == matrix.num_layers)
-            acc = np.where(ex, correct[:, arm - 1], correct[:, -1]).mean()
-            c = np.where(ex, stay, away).mean()
-            if acc >= final - 0.01 and (best is None or c < best["cost"]):
-                best = {"arm": arm, "alpha": round(float(alpha), 3), "cost": float(c), "accuracy": float(acc)}
-    best["cost_ratio"] = best["cost"] / cost.final_exit_cost(matrix.num_layers)
-    best["delta_acc"] = 100 * (best["accuracy"] - final)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     from stream.config import home
     from stream.costs import preset
     from stream.matrix import ConfidenceMatrix
 
     from policies.evaluate import evaluate
+    from policies.oracle import best_fixed_split
     from policies.registry import build
     from policies.splitee import choose_alpha
 
@@ -121,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"candidate": label, "policy": name, "bonus": bonus, "alpha_start": params["alpha"],
                          "delta_acc": -100 * r["accuracy_drop"], "cost_ratio": r["cost_ratio"],
                          "offload_rate": r["offload_rate"], "regret_per_t": r["regret_per_t"]})
-    bound = hindsight(target, cost)
+    bound = best_fixed_split(target, cost)
     print(f"{args.matrix.name} ({target.num_samples} samples), α from {args.calibration.name}; "
           f"{cost.describe(target.num_layers)}; {args.runs} runs; temperatures {np.round(temps, 2).tolist()}")
     print(f"{'candidate':<36} {'bonus':<6} {'α start':>7} {'Δacc pt':>8} {'cost ratio':>10} {'offload':>8}")

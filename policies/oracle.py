@@ -52,3 +52,32 @@ class Oracle(Policy):
         options.append((cloud, int(correct[-1]), Offload("cloud")))
         right = [o for o in options if o[1]] or options
         return min(right, key=lambda o: o[0])[2]
+
+
+def best_fixed_split(matrix, cost, tolerance: float = 0.01, step: float = 0.01) -> dict:
+    """The hindsight bound of a split policy: the cheapest fixed (split, α) within ``tolerance`` of the
+    final exit's accuracy on ``matrix``'s labels (exit at the split if C ≥ α, else the cloud finishes).
+
+    A per-sample oracle (:class:`Oracle`) bounds any policy; this bounds what a converged SplitEE with
+    one threshold can reach on the same samples, so a gap to it is the policy's, not the model's.
+    """
+    from policies.splitee import SplitEE
+
+    if matrix.labels is None:
+        raise ConfigError("best fixed split: the matrix has no labels")
+    probe = SplitEE(cost=cost, num_layers=matrix.num_layers, num_classes=matrix.num_classes, alpha_rule="fixed")
+    conf = matrix.probs.max(-1)
+    correct = matrix.probs.argmax(-1) == matrix.labels[:, None]
+    final = float(correct[:, -1].mean())
+    best = None
+    for arm in range(1, matrix.num_layers + 1):
+        stay, away = probe.arm_cost(arm, "device"), probe.arm_cost(arm, "cloud")
+        for alpha in np.arange(1.0 / matrix.num_classes, 1.0 + 1e-4, step):
+            exits = (conf[:, arm - 1] >= alpha) | (arm == matrix.num_layers)
+            acc = float(np.where(exits, correct[:, arm - 1], correct[:, -1]).mean())
+            spent = float(np.where(exits, stay, away).mean())
+            if acc >= final - tolerance - 1e-12 and (best is None or spent < best["cost"]):
+                best = {"arm": arm, "alpha": round(float(alpha), 3), "cost": spent, "accuracy": acc}
+    best["cost_ratio"] = best["cost"] / cost.final_exit_cost(matrix.num_layers)
+    best["delta_acc"] = 100 * (best["accuracy"] - final)
+    return best

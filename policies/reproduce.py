@@ -11,7 +11,7 @@ the paper differ: ``[paper]`` (α fixed from the source's validation split, UCB1
 the paper's side information, C_L read in hindsight) and exitflow's defaults (online α by agreement
 with the final exit, UCB1-Tuned bounded index; SplitEE-S with the deployable side information).
 
-:func:`run` takes ready matrices, so tests drive it with generated ones; :func:`prepare` trains the
+:func:`run` takes ready matrices, so tests drive it with generated ones; :func:`prepare_matrices` trains the
 source models and exports the matrices (cached under ``$EXITFLOW_HOME``).
 """
 
@@ -68,6 +68,19 @@ def _row(dataset: str, family: str, report: dict[str, Any], paper: dict[str, Any
             "paper_delta_cost": None if delta is None else delta[1]}
 
 
+def _bound_row(dataset: str, reading: str, target, cost) -> dict[str, Any]:
+    """The hindsight bound of a fixed (split, α) on the same samples, shaped like a policy row."""
+    from policies.oracle import best_fixed_split
+
+    b = best_fixed_split(target, cost)
+    return {"dataset": dataset, "reading": reading, "policy": f"bound: split {b['arm']}, α {b['alpha']:g} (labels)",
+            "family": "bound", "accuracy": b["accuracy"], "final_exit_accuracy": b["accuracy"] - b["delta_acc"] / 100,
+            "delta_acc": b["delta_acc"], "cost": b["cost"], "cost_ratio": b["cost_ratio"],
+            "delta_cost": 100 * (b["cost_ratio"] - 1), "offload_rate": None, "offload_cost": cost.offload_cloud,
+            "offload_ratio": cost.offload_ratio(target.num_layers), "most_played_arm": b["arm"],
+            "best_fixed_arm": b["arm"], "regret_per_t": {}, "paper_delta_acc": None, "paper_delta_cost": None}
+
+
 def run(matrices: dict[str, tuple[Any, Any]], *, runs: int = 20, sweep_runs: int = 5, seed: int = 0,
         offloads=(1, 2, 3, 4, 5), sweep: bool = True, log=None) -> dict[str, Any]:
     """Table 2 rows, o-sweeps and regret curves for ``{dataset: (target matrix, source validation matrix)}``."""
@@ -95,6 +108,8 @@ def run(matrices: dict[str, tuple[Any, Any]], *, runs: int = 20, sweep_runs: int
             for family, spec in SPECS:
                 if spec in by_spec:
                     out["rows"].append(_row(dataset, family, by_spec[spec], paper, reading))
+            if target.labels is not None:
+                out["rows"].append(_bound_row(dataset, reading, target, cost))
             if reading == "depth":
                 out["regret"][dataset] = {r["spec"]: {"mean": r["regret_curve"], "band": r["regret_band"]}
                                           for r in reports if r["spec"] in SWEEP}
@@ -120,8 +135,9 @@ def table(result: dict[str, Any], reading: str = "depth") -> str:
         pa = "" if r["paper_delta_acc"] is None else f"{r['paper_delta_acc']:+.1f}"
         pc = "" if r["paper_delta_cost"] is None else f"{r['paper_delta_cost']:+.1f}%"
         arm = f"{r['most_played_arm'] or '-'}/{r['best_fixed_arm']}"
+        offload = "" if r["offload_rate"] is None else f"{r['offload_rate']:.2f}"
         lines.append(f"{r['dataset']:<8} {r['policy']:<56} {acc:>6} {dacc:>6} {r['delta_cost']:+6.1f}% "
-                     f"{r['offload_rate']:7.2f} {arm:>5} {pa:>10} {pc:>11}")
+                     f"{offload:>7} {arm:>5} {pa:>10} {pc:>11}")
     rows = [r for r in result["rows"] if r["reading"] == reading]
     if rows:
         lines.append(f"o = {rows[0]['offload_cost']:g}λ (o/(λL) = {rows[0]['offload_ratio']:.3f}); Δ against our final "

@@ -189,7 +189,7 @@ def test_reproduce_table_builder_on_generated_matrices(tmp_path):
     target, source = synthetic_matrix(300, layers=4, seed=20), synthetic_matrix(200, layers=4, seed=21)
     result = run({"imdb": (target, source)}, runs=2, sweep_runs=1, offloads=(1, 5))
     rows = result["rows"]
-    assert {r["reading"] for r in rows} == {"depth", "literal"} and len(rows) == 2 * len(SPECS)
+    assert {r["reading"] for r in rows} == {"depth", "literal"} and len(rows) == 2 * (len(SPECS) + 1)
     for key in ("dataset", "policy", "accuracy", "final_exit_accuracy", "cost_ratio", "offload_cost",
                 "paper_delta_acc", "paper_delta_cost"):
         assert all(key in r for r in rows), key
@@ -198,6 +198,8 @@ def test_reproduce_table_builder_on_generated_matrices(tmp_path):
     assert by[("literal", "splitee")]["offload_cost"] == 5.0
     assert by[("depth", "splitee")]["paper_delta_cost"] == -66.6 and by[("depth", "oracle")]["paper_delta_acc"] is None
     assert by[("depth", "final-exit")]["cost_ratio"] == 1.0
+    bound = next(r for r in rows if r["family"] == "bound" and r["reading"] == "depth")
+    assert bound["delta_acc"] >= -1.0 - 1e-9 and bound["cost_ratio"] <= 1.0   # the final exit itself is a candidate
     assert result["sweeps"]["imdb"]["offload"] == pytest.approx([4 / 12, 20 / 12])
     assert "splitee-s[alpha_rule=fixed,bonus=ucb1,side_info=oracle]" in table(result)
     paths = write(result, tmp_path)
@@ -215,3 +217,18 @@ def test_default_bandits_regret_per_sample_falls_with_t():
         r = evaluate(build(name, {"alpha": "0.8"}, cost=splitee(num_layers=6), num_layers=6), m, runs=2, seed=1)
         per_t = r["regret_per_t"]
         assert per_t["1000"] < per_t["250"] < per_t["100"], (name, per_t)
+
+
+def test_best_fixed_split_by_hand():
+    from policies.oracle import best_fixed_split
+
+    # exit 1 is right and sure on two samples, wrong and unsure (0.55) on two; exit 2 is always right
+    first = [[0.9, 0.1], [0.1, 0.9], [0.55, 0.45], [0.45, 0.55]]
+    probs = np.array([[f, [0.95, 0.05] if y == 0 else [0.05, 0.95]] for f, y in zip(first, [0, 1, 1, 0])],
+                     dtype=np.float32)
+    m = ConfidenceMatrix(probs=probs, labels=np.array([0, 1, 1, 0]))
+    cost = splitee(num_layers=2)                               # o = 5λ·2/12
+    b = best_fixed_split(m, cost)
+    assert b["arm"] == 1 and 0.55 < b["alpha"] <= 0.57 and b["delta_acc"] == 0.0
+    assert b["cost"] == pytest.approx((2 * 1 + 2 * (1 + 10 / 12)) / 4)   # two exit at 1, two offload
+    assert b["cost_ratio"] == pytest.approx(b["cost"] / 2.0)
