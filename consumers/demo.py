@@ -257,7 +257,7 @@ def cmd_demo(args) -> int:
         result = summary.as_dict()
         result.update({"policy": spec.name, "params": spec.params, "cost_model": spec.cost, "expected": expected,
                        "offload_cost": cost.offload_cloud, "offload_ratio": cost.offload_ratio(meta["num_layers"]),
-                       "cost": dataclasses.asdict(cost),
+                       "cost_params": dataclasses.asdict(cost),
                        "complete": len(summary.results) >= expected, "logs": str(logs),
                        "metrics_ports": metrics_ports, "dashboard": monitor.url if monitor else None})
         _print_summary(result)
