@@ -41,20 +41,22 @@ def register(subparsers) -> None:
 
     rp = subparsers.add_parser(
         "reproduce", help="run a paper's protocol on our models and write its table beside the paper's numbers",
-        description="SplitEE Table 2 and Figs. 3-7: fine-tunes the source models if missing (SST-2, RTE, MRPC), "
-        "exports the shifted targets (IMDb, SciTail, the QQP sample; shuffled with --seed), runs 20 reshuffled "
-        "runs of every baseline and bandit at o = 5λ·L/12 and at o = 5λ literal, sweeps o over 1..5λ, and writes "
-        "table2.txt, splitee.json and PNGs into --out.")
-    rp.add_argument("paper", choices=("splitee",), help="the paper whose protocol to run")
-    rp.add_argument("--datasets", default="imdb,scitail,qqp", help="comma list of targets (imdb, scitail, qqp)")
+        description="Runs one paper's own protocol (datasets, splits, runs, baselines, costs) on our models, "
+        "fine-tuning and caching the models it needs, and writes its tables, JSON and PNGs into --out. "
+        "splitee: Table 2 and Figs. 3-7 across SST-2→IMDb, RTE→SciTail, MRPC→QQP. dimee: Table I and Fig. 3, "
+        "in-domain 80/10/10 on SST-2, MRPC, QQP, RTE. eenet: accuracy vs budget on SST-2 and AG News against "
+        "BranchyNet, MSDNet, PABEE. deex: exits, accuracy and measured time vs p_d on SST-2 and IMDb. "
+        "all: every paper in turn.")
+    rp.add_argument("paper", choices=tuple(REPRODUCERS) + ("all",), help="the paper whose protocol to run")
+    rp.add_argument("--datasets", help="comma list of datasets (default: the paper's own; see the description)")
     rp.add_argument("--limit", type=int, help="use the first N shuffled target samples (default: all)")
     rp.add_argument("--runs", type=int, default=20, help="reshuffled runs per policy (the paper: 20)")
-    rp.add_argument("--sweep-runs", type=int, default=5, help="runs per point of the o-sweep (Figs. 3-6)")
-    rp.add_argument("--no-sweep", action="store_true", help="skip the o-sweep")
-    rp.add_argument("--seed", type=int, default=0, help="shuffle seed of the targets and of the runs")
-    rp.add_argument("--backbone", default="default", help="backbone of the source models (tests: random:L=..)")
-    rp.add_argument("--train-limit", type=int, help="train the source models on at most N samples (tests)")
-    rp.add_argument("--max-len", type=int, default=128, help="tokens per input when exporting the matrices")
+    rp.add_argument("--sweep-runs", type=int, default=5, help="runs per point of a cost sweep")
+    rp.add_argument("--no-sweep", action="store_true", help="skip the cost sweeps")
+    rp.add_argument("--seed", type=int, default=0, help="shuffle / split seed of the data and of the runs")
+    rp.add_argument("--backbone", default="default", help="backbone of the models to fine-tune (tests: random:L=..)")
+    rp.add_argument("--train-limit", type=int, help="train the models on at most N samples (tests)")
+    rp.add_argument("--max-len", type=int, help="tokens per input when exporting the matrices (default: per paper)")
     rp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     rp.add_argument("--out", type=Path, default=Path("artifacts/reproduce"), help="folder for the table, JSON, PNGs")
     rp.set_defaults(func=cmd_reproduce)
@@ -329,26 +331,20 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_reproduce(args) -> int:
-    from policies.reproduce import PAIRS, prepare_matrices, run, table, write
+#: Paper → the module whose ``main(args, log)`` runs its protocol (``policies/reproduce*.py``).
+REPRODUCERS = {"splitee": "policies.reproduce", "dimee": "policies.reproduce_dimee",
+               "eenet": "policies.reproduce_eenet", "deex": "policies.reproduce_deex"}
 
-    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    unknown = set(names) - set(PAIRS)
-    if unknown:
-        raise ConfigError(f"--datasets: unknown target(s) {sorted(unknown)}; expected some of {sorted(PAIRS)}")
+
+def cmd_reproduce(args) -> int:
+    import importlib
+
     if args.runs < 1 or args.sweep_runs < 1:
         raise ConfigError(f"--runs and --sweep-runs must be >= 1, got {args.runs} and {args.sweep_runs}")
-    log = lambda msg: print(f"exitflow reproduce: {msg}", file=sys.stderr)  # noqa: E731
-    matrices = prepare_matrices(names, limit=args.limit, seed=args.seed, backbone=args.backbone,
-                                train_limit=args.train_limit, max_len=args.max_len, threads=args.threads, log=log)
-    result = run(matrices, runs=args.runs, sweep_runs=args.sweep_runs, seed=args.seed, sweep=not args.no_sweep, log=log)
-    result["settings"] = {"datasets": names, "limit": args.limit, "seed": args.seed, "backbone": args.backbone,
-                          "train_limit": args.train_limit, "max_len": args.max_len,
-                          "matrices": {d: {"target": str(t.meta.get("path", "")), "calibration": str(c.meta.get("path", ""))}
-                                       for d, (t, c) in matrices.items()}}
-    print(table(result, "depth"))
-    print()
-    print(table(result, "literal"))
-    for path in write(result, args.out):
-        print(f"wrote {path}")
+    papers = list(REPRODUCERS) if args.paper == "all" else [args.paper]
+    for paper in papers:
+        log = lambda msg, paper=paper: print(f"exitflow reproduce {paper}: {msg}", file=sys.stderr)  # noqa: E731
+        status = importlib.import_module(REPRODUCERS[paper]).main(args, log)
+        if status:
+            return status
     return 0

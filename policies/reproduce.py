@@ -231,3 +231,25 @@ def prepare_matrices(targets: list[str], *, limit: int | None = None, seed: int 
             pair.append(matrix)
         out[target] = (pair[0], pair[1])
     return out
+
+
+def main(args, log) -> int:
+    """``exitflow reproduce splitee``: prepare the matrices, run, print both tables, write the artifacts."""
+    names = [d.strip() for d in (args.datasets or ",".join(PAIRS)).split(",") if d.strip()]
+    unknown = set(names) - set(PAIRS)
+    if unknown:
+        raise ConfigError(f"--datasets: unknown target(s) {sorted(unknown)}; expected some of {sorted(PAIRS)}")
+    max_len = args.max_len or 128
+    matrices = prepare_matrices(names, limit=args.limit, seed=args.seed, backbone=args.backbone,
+                                train_limit=args.train_limit, max_len=max_len, threads=args.threads, log=log)
+    result = run(matrices, runs=args.runs, sweep_runs=args.sweep_runs, seed=args.seed, sweep=not args.no_sweep, log=log)
+    result["settings"] = {"datasets": names, "limit": args.limit, "seed": args.seed, "backbone": args.backbone,
+                          "train_limit": args.train_limit, "max_len": max_len,
+                          "matrices": {d: {"target": str(t.meta.get("path", "")), "calibration": str(c.meta.get("path", ""))}
+                                       for d, (t, c) in matrices.items()}}
+    print(table(result, "depth"))
+    print()
+    print(table(result, "literal"))
+    for path in write(result, args.out):
+        print(f"wrote {path}")
+    return 0

@@ -363,3 +363,63 @@ def load(name: str, split: str | None = None, *, text_column: str | int | None =
     b = _Builder(name, split, data_dir() / spec.files[split], spec.label_names, spec.label_map, spec.pair)
     spec.reader(b)
     return b.build()
+
+
+# --- in-domain protocol splits --------------------------------------------------------------------
+
+def concat(parts: Sequence[Dataset], split: str) -> Dataset:
+    """Several splits of one dataset as one, in order (ids stay unique: they name their split and row)."""
+    if not parts:
+        raise DataError("concat: no datasets given")
+    first = parts[0]
+    for ds in parts[1:]:
+        if (ds.name, ds.label_names, ds.text_pairs is None) != (first.name, first.label_names, first.text_pairs is None):
+            raise DataError(f"concat: {ds.name}/{ds.split} does not match {first.name}/{first.split}")
+    pairs = None if first.text_pairs is None else [p for ds in parts for p in ds.text_pairs]
+    labels = None if any(ds.labels is None for ds in parts) else np.concatenate([ds.labels for ds in parts])
+    return Dataset(first.name, split, [i for ds in parts for i in ds.ids], [t for ds in parts for t in ds.texts],
+                   pairs, labels, first.label_names, ", ".join(ds.source for ds in parts))
+
+
+def labelled(name: str) -> Dataset:
+    """Every labelled file of a shared dataset, concatenated (SST-2 train + dev, AG News' test, ...)."""
+    spec = _spec(name)
+    parts = [load(name, split) for split in spec.files]
+    parts = [ds for ds in parts if ds.labels is not None]
+    if not parts:
+        raise DataError(f"dataset {name!r} has no labelled split")
+    return concat(parts, "labelled")
+
+
+def split_indices(n: int, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> list[np.ndarray]:
+    """A seeded permutation of ``range(n)`` cut into disjoint parts of the given fractions (DIMEE §IV-C: 80/10/10).
+
+    Sizes are rounded down except the first, which takes the remainder, so the parts cover all n.
+
+    >>> [len(p) for p in split_indices(1000)], [len(p) for p in split_indices(7, fractions=(0.5, 0.5))]
+    ([800, 100, 100], [4, 3])
+    >>> bool((split_indices(50, seed=3)[1] == split_indices(50, seed=3)[1]).all())
+    True
+    """
+    fractions = [float(f) for f in fractions]
+    if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise DataError(f"split fractions must be > 0 and sum to 1, got {fractions}")
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = [int(n * f) for f in fractions[1:]]
+    sizes.insert(0, n - sum(sizes))
+    cuts = np.cumsum(sizes)[:-1]
+    return list(np.split(order, cuts))
+
+
+PROTOCOL_SPLITS = ("train", "val", "test")
+
+
+def three_way(ds: Dataset, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, Dataset]:
+    """``ds`` cut into train / val / test (:func:`split_indices`); each part's ``split`` names its share."""
+    parts = split_indices(len(ds), seed, fractions)
+    if len(parts) != len(PROTOCOL_SPLITS):
+        raise DataError(f"three_way needs 3 fractions, got {list(fractions)}")
+    if min(len(p) for p in parts) == 0:
+        raise DataError(f"{ds.source}: {len(ds)} samples are too few to split {list(fractions)}")
+    return {name: dataclasses.replace(ds.subset(np.sort(p)), split=f"{name}-s{seed}")
+            for name, p in zip(PROTOCOL_SPLITS, parts)}
