@@ -120,10 +120,13 @@ def label(spec: str) -> str:
 def compare(specs: list[str], matrix, *, cost, shared: dict[str, str] | None = None, calibration=None,
             runs: int = 1, seed: int = 0, batch_size: int = 32, feedback_delay: int = 0,
             log=None) -> list[dict[str, Any]]:
-    """Evaluate several policy specs on ``matrix``; specs that cannot be built in an ``all`` run are skipped."""
+    """Evaluate several policy specs on ``matrix``; specs that cannot be built in an ``all`` run are skipped.
+
+    ``calibration``: the labelled validation matrix, or a :class:`Calibrator` to share its calibrations.
+    """
     shared = dict(shared or {})
     strict = len(specs) == 1
-    cal = Calibrator(calibration)
+    cal = calibration if isinstance(calibration, Calibrator) else Calibrator(calibration)
     reference = None
     try:
         reference = cal.build("splitee", shared, cost, matrix.num_layers, matrix.num_classes, strict=False)

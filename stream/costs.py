@@ -144,14 +144,18 @@ def splitee(offload: float | None = None, num_layers: int | None = None) -> Cost
                      cloud_layer=0.0, offload_edge=offload, offload_cloud=offload, cloud_fee=0.0, mu=0.1)
 
 
-def dimee(fee: float = 1.0, num_layers: int | None = None) -> CostModel:
+def dimee(fee: float | None = None, num_layers: int | None = None) -> CostModel:
     """DIMEE §V: λ_m = 1.5λ, λ_e = λ, o_e = 2.5λ, o_c = 3λ (12 layers; scaled by L/12), cloud fee γ.
 
-    γ is not given in the paper (default 1λ, not scaled: it is a price per request, not per layer).
+    γ is not given in the paper. Ours: the cloud charges its compute of the whole backbone at the edge's
+    price, γ = λ_e·L (12λ for BERT-base, 6λ on 6 layers), so a cloud inference (o_c + γ = 15λ·L/12) costs
+    more than any edge one (at most o_e + λ_e·n = 8.5λ·L/12), the order the paper's tiers assume. With a
+    small γ (say 1λ) the cloud is the cheapest tier for any sample that does not exit at mobile layer 1,
+    and every router degenerates to "all to the cloud". ``exitflow reproduce dimee`` sweeps γ as well.
     """
     return CostModel(name="dimee", device_layer=1.5, device_exit=0.0, edge_layer=1.0, cloud_layer=0.0,
                      offload_edge=scaled(2.5, num_layers), offload_cloud=scaled(3.0, num_layers),
-                     cloud_fee=fee, mu=0.1)
+                     cloud_fee=scaled(12.0, num_layers) if fee is None else fee, mu=0.1)
 
 
 PRESETS = {"splitee": splitee, "dimee": dimee}

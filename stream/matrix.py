@@ -46,6 +46,13 @@ class ConfidenceMatrix:
     def __len__(self) -> int:
         return self.num_samples
 
+    def subset(self, rows) -> "ConfidenceMatrix":
+        """The samples at ``rows`` (in that order), with the same meta."""
+        rows = np.asarray(rows, dtype=np.int64)
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return ConfidenceMatrix(self.probs[rows], pick(self.labels), pick(self.embeddings), self.hidden_bytes,
+                                None if self.ids is None else [self.ids[i] for i in rows], dict(self.meta))
+
     def accuracy(self) -> np.ndarray:
         """Accuracy of each exit [L] (needs labels)."""
         if self.labels is None:

@@ -27,20 +27,6 @@ def matrix_from_conf(conf, labels=None, embeddings=None):
 
 # -- DIMEE ---------------------------------------------------------------------------------------------
 
-def test_dimee_alpha_maximises_expected_reward_eq3():
-    # m = 1, n = 2; dimee costs: λ_m = 1.5, λ_e = 1, o_e = 2.5, o_c = 3, γ = 1, μ = 0.1
-    m = matrix_from_conf([[0.95, 0.97, 0.99], [0.6, 0.9, 0.95]], embeddings=[[0.0, 0.0], [4.0, 2.0]])
-    cal = dimee_mod.calibrate(m, cost=dimee(fee=1.0), m=1, n=2)
-    # α ≤ 0.6: s2 easy (0.6 - 0.15); 0.6 < α ≤ 0.9: s2 moderate at 2 (0.9 - 0.45); α > 0.9: s2 hard
-    # (0.95 - 0.4); s1 is easy up to α = 0.95 (0.95 - 0.15), hard at α = 1 (0.99 - 0.4).
-    assert cal["alpha"] == pytest.approx(17 / 18)                      # S = linspace(1/2, 1, 10)[8]
-    assert cal["expected_reward"]["0.9444"] == pytest.approx((0.80 + 0.55) / 2)
-    assert cal["expected_reward"]["0.8889"] == pytest.approx((0.80 + 0.45) / 2)
-    assert cal["expected_reward"]["1.0000"] == pytest.approx((0.59 + 0.55) / 2)
-    assert cal["counts"] == {"easy": 1, "moderate": 0, "hard": 1}
-    assert cal["centroids"] == {"easy": [0.0, 0.0], "hard": [4.0, 2.0]}
-
-
 def test_dimee_pools_follow_algorithm_1():
     conf = np.array([[0.9, 0.5, 0.5, 0.5], [0.5, 0.5, 0.95, 0.5], [0.5, 0.6, 0.7, 0.99]])
     pool, layer = dimee_mod.assign_pools(conf, 0.85, m=2, n=3)
