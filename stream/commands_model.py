@@ -21,8 +21,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", formatter_class=fmt, help="fine-tune a multi-exit model (an exit after every layer)",
         description="Fine-tune a BERT-family encoder with a classifier exit after every layer, using the "
-        "joint loss (sum of every exit's cross-entropy). Evaluates every exit on the dataset's dev split and "
-        "saves the model (safetensors), its tokenizer and a model card into --out.")
+        "joint loss (the sum of every exit's cross-entropy, weighted by --exit-weights). Evaluates every exit "
+        "on the dataset's dev split and saves the model (safetensors), its tokenizer and a model card into --out.")
     p.add_argument("--dataset", default="sst2", help="a dataset with a train split: sst2, mrpc, rte, or a file "
                    "(csv:PATH, tsv:PATH, jsonl:PATH; no dev evaluation then)")
     p.add_argument("--out", required=True, type=Path, help="directory to write the model into")
@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-len", type=int, default=64, help="truncate inputs to this many tokens")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (linear warm-up and decay)")
-    p.add_argument("--exit-weights", help="comma-separated weight of each exit's loss (default: all 1)")
+    p.add_argument("--exit-weights", help="weight of each exit's loss: 'eenet' (EENet's γ_k = k/(K(K+1))) or a "
+                   "comma list, one per exit (default: all 1)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="what each exit head pools")
     p.add_argument("--limit", type=int, help="use at most N train samples (drawn with --seed)")
     p.add_argument("--min-words", type=int, default=0, help="skip train texts with fewer words (SST-2 fragments)")
@@ -104,13 +105,13 @@ def _threads(n: int) -> None:
 
 def cmd_train(args) -> int:
     from stream import datasets
-    from stream.train import TrainConfig, fine_tune, load_splits
+    from stream.train import TrainConfig, exit_weights, fine_tune, load_splits
 
     _threads(args.threads)
     try:
-        weights = tuple(float(w) for w in args.exit_weights.split(",")) if args.exit_weights else None
-    except ValueError:
-        raise ConfigError(f"--exit-weights: expected comma-separated numbers, got {args.exit_weights!r}") from None
+        weights = exit_weights(args.exit_weights, None)     # a scheme name resolves once the depth is known
+    except ConfigError as exc:
+        raise ConfigError(f"--exit-weights: {exc}") from None
     config = TrainConfig(epochs=args.epochs, max_len=args.max_len, batch_size=args.batch_size, lr=args.lr,
                          exit_weights=weights, seed=args.seed)
     if args.dataset.partition(":")[0] in datasets.GENERIC:

@@ -1,7 +1,8 @@
 """Fine-tuning a multi-exit model with the joint loss, evaluating it, and exporting confidence matrices.
 
-The joint loss is the weighted sum of every exit's cross-entropy (SplitEE §5.1, EENet §3.1; all
-weights 1 by default). Training is deterministic for a seed: the data order comes from a seeded
+The joint loss is the weighted sum of every exit's cross-entropy: all weights 1 by default (the plain
+sum of SplitEE §5.1), EENet §3.1's γ_k = k/(K(K+1)) with ``exit_weights="eenet"``, or any list (see
+:func:`exit_weights`). Training is deterministic for a seed: the data order comes from a seeded
 generator, and ``torch.manual_seed`` fixes head initialisation and dropout.
 """
 
@@ -35,7 +36,7 @@ class TrainConfig:
     lr: float = 1e-4
     warmup: float = 0.06          # fraction of the steps with a linear warm-up, then linear decay to 0
     weight_decay: float = 0.01
-    exit_weights: tuple[float, ...] | None = None  # one per exit; None = all 1 (plain sum)
+    exit_weights: tuple[float, ...] | str | None = None  # one per exit, "eenet", or None = all 1 (plain sum)
     seed: int = 0
     eval_batch_size: int = 64
 
@@ -45,6 +46,43 @@ class TrainConfig:
                 raise ConfigError(f"train {name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"train warmup must be in [0, 1), got {self.warmup!r}")
+        exit_weights(self.exit_weights, None)
+
+
+#: Named exit-weight schemes: K exits → one weight per exit.
+EXIT_WEIGHT_SCHEMES = {
+    "sum": lambda k: (1.0,) * k,
+    "eenet": lambda k: tuple(i / (k * (k + 1)) for i in range(1, k + 1)),   # EENet §3.1 γ_k, as printed
+}
+
+
+def exit_weights(spec: str | Sequence[float] | None, num_layers: int | None) -> tuple[float, ...] | str | None:
+    """Per-exit loss weights from ``--exit-weights``: None/'' (all 1), a scheme name or a comma list.
+
+    ``eenet`` is EENet §3.1's γ_k = k/(K(K+1)) (as printed they add up to 1/2, a weighted average up to a
+    factor 2 that AdamW hardly notices). With ``num_layers=None`` the spec is only checked and a scheme
+    name comes back as is (the depth is known once the model is built).
+
+    >>> exit_weights("eenet", 3)
+    (0.08333333333333333, 0.16666666666666666, 0.25)
+    >>> exit_weights("1,0.5", 2), exit_weights(None, 2), exit_weights("eenet", None)
+    ((1.0, 0.5), None, 'eenet')
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if isinstance(spec, str) and spec.strip().lower() in EXIT_WEIGHT_SCHEMES:
+        name = spec.strip().lower()
+        return name if num_layers is None else EXIT_WEIGHT_SCHEMES[name](num_layers)
+    try:
+        weights = tuple(float(w) for w in (spec.split(",") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise ConfigError(f"exit weights: expected {' or '.join(EXIT_WEIGHT_SCHEMES)} or comma-separated numbers, "
+                          f"got {spec!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise ConfigError(f"exit weights must be finite, >= 0 and not all 0, got {spec!r}")
+    if num_layers is not None and len(weights) != num_layers:
+        raise ConfigError(f"{len(weights)} exit weights for a model with {num_layers} exits")
+    return weights
 
 
 # The recipe of `exitflow model prepare`: 5 min 19 s on 2 cores, dev evaluation included (310 s training).
@@ -99,9 +137,7 @@ def train(model: MultiExitModel, train_ds: Dataset, config: TrainConfig = TrainC
     from transformers import get_linear_schedule_with_warmup
 
     labels = torch.as_tensor(_check_labels(model, train_ds))
-    weights = config.exit_weights or (1.0,) * model.num_layers
-    if len(weights) != model.num_layers:
-        raise ConfigError(f"{len(weights)} exit weights for a model with {model.num_layers} exits")
+    weights = exit_weights(config.exit_weights, model.num_layers) or (1.0,) * model.num_layers
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     lengths = _lengths(model, train_ds, config.max_len)
@@ -203,7 +239,9 @@ def make_card(model: MultiExitModel, train_ds: Dataset, config: TrainConfig, sum
         "num_classes": model.num_classes, "label_names": model.label_names, "pooling": model.pooling,
         "train_samples": summary["train_samples"], "steps": summary["steps"], "epochs": config.epochs,
         "max_len": config.max_len, "batch_size": config.batch_size, "lr": config.lr, "warmup": config.warmup,
-        "weight_decay": config.weight_decay, "exit_weights": list(config.exit_weights or [1.0] * model.num_layers),
+        "weight_decay": config.weight_decay,
+        "exit_weights": list(exit_weights(config.exit_weights, model.num_layers) or [1.0] * model.num_layers),
+        "exit_weights_spec": config.exit_weights if isinstance(config.exit_weights, str) else None,
         "seed": config.seed, "train_time_s": summary["train_time_s"], "final_loss": round(summary["final_loss"], 4),
         "dev_accuracy": summary.get("dev_accuracy"), "dev_eval_time_s": summary.get("dev_eval_time_s"),
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
