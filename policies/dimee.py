@@ -243,7 +243,8 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
     For each μ in :data:`MU_GRID` (or the given ``mu``), α*(μ) maximises Eq. 3 on the refined grid; the pools at
     α* fit the router (``centroid``: the paper's pool means; ``probe``: :func:`fit_probe`), which then routes
     the validation samples as deployed. The chosen μ is the cheapest whose routed validation accuracy is within
-    ``tolerance`` of the final exit's (0.5 pt; the paper reports −0.3 … +0.1 pt), else the most accurate. Our reading of the
+    ``tolerance`` of the final exit's (0.5 pt; the paper reports −0.3 … +0.1 pt) and cheaper than the cloud;
+    when none is, every sample goes to the cloud (``route_all: hard``), which is the final exit's accuracy. Our reading of the
     paper: it states no scale between confidence and cost, so μ is chosen like the paper's other thresholds,
     on the validation split.
     """
@@ -293,13 +294,17 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
         search.append({"mu": value, "alpha": alpha, "accuracy": float(acc), "cost": float(price),
                        "routed_shares": (np.bincount(routed, minlength=3) / len(routed)).round(4).tolist()})
     final = float(correct[:, -1].mean())
-    ok = [r for r in search if r["accuracy"] >= final - tolerance - 1e-12]
-    chosen = min(ok, key=lambda r: (r["cost"], -r["accuracy"])) if ok else max(search, key=lambda r: r["accuracy"])
+    cloud = float(tier_costs(np.array([2]), np.array([num_layers]), cost, num_layers)[0])
+    ok = [r for r in search if r["accuracy"] >= final - tolerance - 1e-12 and r["cost"] < cloud]
+    # No routing within the tolerance and cheaper than the cloud: the cloud alone is (it is the final exit).
+    chosen = min(ok, key=lambda r: (r["cost"], -r["accuracy"])) if ok else \
+        {**max(search, key=lambda r: r["accuracy"]), "accuracy": final, "cost": cloud, "route_all": "hard"}
     alpha, mu_used = chosen["alpha"], chosen["mu"]
     model, routed, _ = fit(alpha)
     _, expected = best_alpha(conf, grid, m, n, cost, mu_used)
     pool, _ = assign_pools(conf, alpha, m, n)
-    cloud = float(tier_costs(np.array([2]), np.array([num_layers]), cost, num_layers)[0])
+    if "route_all" in chosen:
+        routed = np.full(len(pool), 2)
     out: dict[str, Any] = {
         "policy": "dimee", "router": router, "features": features, "alpha": alpha, "m": m, "n": n,
         "cost_model": cost.name, "mu": mu_used, "tolerance": tolerance, "alpha_grid_size": int(len(grid)),
@@ -313,6 +318,8 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
     }
     if router == "probe":
         out["probe"] = model
+    if "route_all" in chosen:
+        out["route_all"] = chosen["route_all"]
     out["validation_accuracy"] = chosen["accuracy"]
     return out
 
@@ -341,6 +348,9 @@ class DimeeFixed(Policy):
             raise ConfigError(f"policy {self.name!r}: calibration lacks {exc.args[0]!r}") from None
         if not self._sums:
             raise ConfigError(f"policy {self.name!r}: calibration has no pool centroids")
+        self.route_all = cal.get("route_all")
+        if self.route_all not in (None,) + POOLS:
+            raise ConfigError(f"policy {self.name!r}: calibration route_all must be one of {POOLS}, got {self.route_all!r}")
 
     calibrate = staticmethod(calibrate)
 
@@ -358,6 +368,8 @@ class DimeeFixed(Policy):
 
     def route(self, obs: Observation, state: StateView) -> str:
         """The sample's pool: nearest centroid of its embedding (ties: the easier pool), or a uniform draw."""
+        if self.route_all and self.router != "random":
+            return self.route_all
         if self.router == "random":
             return POOLS[int(self.sample_rng(obs.sample_id).integers(3))]
         if obs.embedding is None:
@@ -442,6 +454,8 @@ class DimeeProbe(DimeeFixed):
         return POOLS[int(probe_route(emb, extra, self.weights)[0])]
 
     def decide(self, obs: Observation, state: StateView) -> Action:
+        if self.route_all and obs.layer == 0:
+            return self.dispatch(self.route_all, 0)
         if obs.layer < self.first:
             return Continue(self.first, exits="last")
         if obs.layer == self.first:

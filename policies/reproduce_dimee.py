@@ -159,7 +159,7 @@ def _cls(name: str):
 
 
 def cost_sweep(test, val, cost, *, runs: int = 1, seed: int = 0, log=None,
-               specs=("dimee-adaptive", "dimee-probe")) -> dict[str, Any]:
+               specs=("dimee-adaptive",)) -> dict[str, Any]:
     """Fig. 3: accuracy and Δcost against the cloud when one cost is varied (α and μ recalibrated each time)."""
     from stream.costs import scaled
 

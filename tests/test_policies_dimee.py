@@ -77,8 +77,12 @@ def test_mu_is_chosen_on_validation_as_the_cheapest_within_tolerance():
     ok = [r for r in search if r["accuracy"] >= final - 0.06]
     assert 0 < len(ok) < len(search) and cal["validation"]["cost"] == min(r["cost"] for r in ok)
     assert cal["mu"] in [r["mu"] for r in ok] and min(cal["counts"].values()) >= 8
-    strict = dm.calibrate(val, cost=cost, tolerance=0.0)        # nothing within: the most accurate μ
-    assert strict["validation"]["accuracy"] == max(r["accuracy"] for r in search) > cal["validation"]["accuracy"]
+    assert "route_all" not in cal
+    strict = dm.calibrate(val, cost=cost, tolerance=0.0)        # nothing within: the cloud for everyone
+    assert strict["route_all"] == "hard" and strict["validation"]["accuracy"] == final
+    assert strict["validation"]["cost_ratio_vs_cloud"] == 1.0
+    p = build("dimee-adaptive", {"calibration": strict}, cost=cost, num_layers=6)
+    assert p.decide(Observation("s", 6, embedding=val.embeddings[0]), StateView()) == Offload("cloud")
     fixed = dm.calibrate(val, cost=cost, mu=0.1)
     assert [r["mu"] for r in fixed["mu_search"]] == [0.1]
 
@@ -104,7 +108,7 @@ def test_probe_learns_pools_the_centroids_cannot_separate():
 
 def test_probe_with_exit1_runs_layer_one_first_and_exits_there_when_confident():
     val = synthetic_matrix(600, layers=6, seed=4)
-    cal = dm.calibrate_probe(val, cost=preset("dimee", num_layers=6), mu=0.02)
+    cal = dm.calibrate_probe(val, cost=preset("dimee", num_layers=6), mu=0.02, tolerance=0.3)
     assert cal["features"] == "exit1" and len(cal["probe"]["coef"]) == 3
     p = build("dimee-probe", {"calibration": cal}, cost=preset("dimee", num_layers=6), num_layers=6)
     obs = Observation("s", 6, embedding=val.embeddings[0])
