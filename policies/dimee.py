@@ -244,7 +244,8 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
     α* fit the router (``centroid``: the paper's pool means; ``probe``: :func:`fit_probe`), which then routes
     the validation samples as deployed. The chosen μ is the cheapest whose routed validation accuracy is within
     ``tolerance`` of the final exit's (0.5 pt; the paper reports −0.3 … +0.1 pt) and cheaper than the cloud;
-    when none is, every sample goes to the cloud (``route_all: hard``), which is the final exit's accuracy. Our reading of the
+    when none is, every sample goes to the cloud (``route_all: hard``), which is the final exit's accuracy.
+    A given ``mu`` is used as it is (no search, no fallback). Our reading of the
     paper: it states no scale between confidence and cost, so μ is chosen like the paper's other thresholds,
     on the validation split.
     """
@@ -297,7 +298,8 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
     cloud = float(tier_costs(np.array([2]), np.array([num_layers]), cost, num_layers)[0])
     ok = [r for r in search if r["accuracy"] >= final - tolerance - 1e-12 and r["cost"] < cloud]
     # No routing within the tolerance and cheaper than the cloud: the cloud alone is (it is the final exit).
-    chosen = min(ok, key=lambda r: (r["cost"], -r["accuracy"])) if ok else \
+    # A μ given by the user is their trade-off and is kept as it is.
+    chosen = search[0] if mu is not None else min(ok, key=lambda r: (r["cost"], -r["accuracy"])) if ok else \
         {**max(search, key=lambda r: r["accuracy"]), "accuracy": final, "cost": cloud, "route_all": "hard"}
     alpha, mu_used = chosen["alpha"], chosen["mu"]
     model, routed, _ = fit(alpha)

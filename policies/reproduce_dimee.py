@@ -36,9 +36,11 @@ SPECS = (
     ("Early-Exit", "static-maxprob[tolerance=0.005]"),
     ("Ours-F", "dimee-fixed"),
     ("Ours-D", "dimee-adaptive"),
+    ("Ours-D, tolerance 1 pt", "dimee-adaptive[tolerance=0.01]"),
     ("Ours-D, Eq. 2 as printed (μ = 1)", "dimee-adaptive[mu=1]"),
     ("probe: embedding", "dimee-probe[features=embedding]"),
     ("probe: embedding + exit 1", "dimee-probe"),
+    ("probe: embedding + exit 1, tolerance 1 pt", "dimee-probe[tolerance=0.01]"),
 )
 #: Fig. 3: one cost varied at a time (12-layer figures, carried to L layers like the preset), others fixed.
 SWEEPS = {"device_layer": (1.0, 1.5, 2.0, 2.5, 3.0), "edge_layer": (0.5, 1.0, 1.5, 2.0),
@@ -185,7 +187,7 @@ def cost_sweep(test, val, cost, *, runs: int = 1, seed: int = 0, log=None,
 
 def table(result: dict[str, Any]) -> str:
     """Table I's shape: per dataset and row, ours (accuracy, Δacc, Δcost vs the cloud, tier shares) beside the paper's."""
-    head = (f"{'dataset':<7} {'policy':<34} {'acc %':>6} {'Δacc':>6} {'Δcost':>7} {'mobile/edge/cloud':>18} "
+    head = (f"{'dataset':<7} {'policy':<42} {'acc %':>6} {'Δacc':>6} {'Δcost':>7} {'mobile/edge/cloud':>18} "
             f"{'paper acc':>9} {'paper Δcost':>11}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
@@ -194,7 +196,7 @@ def table(result: dict[str, Any]) -> str:
                                               for t in ("device", "edge", "cloud"))
         pa = "" if r["paper_acc"] is None else f"{r['paper_acc']:.1f}"
         pc = "" if r["paper_delta_cost"] is None else f"{r['paper_delta_cost']:+.0f}%"
-        lines.append(f"{r['dataset']:<7} {r['policy']:<34} {100 * r['accuracy']:6.1f} {r['delta_acc']:+6.1f} "
+        lines.append(f"{r['dataset']:<7} {r['policy']:<42} {100 * r['accuracy']:6.1f} {r['delta_acc']:+6.1f} "
                      f"{r['delta_cost']:+6.1f}% {share:>18} {pa:>9} {pc:>11}")
     lines.append("Δacc against our full model (final exit); Δcost against BERT in the cloud (o_c + γ); "
                  "paper: BERT-base, 12 layers")

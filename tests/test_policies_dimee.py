@@ -80,6 +80,7 @@ def test_mu_is_chosen_on_validation_as_the_cheapest_within_tolerance():
     assert "route_all" not in cal
     strict = dm.calibrate(val, cost=cost, tolerance=0.0)        # nothing within: the cloud for everyone
     assert strict["route_all"] == "hard" and strict["validation"]["accuracy"] == final
+    assert "route_all" not in dm.calibrate(val, cost=cost, mu=1.0, tolerance=0.0)
     assert strict["validation"]["cost_ratio_vs_cloud"] == 1.0
     p = build("dimee-adaptive", {"calibration": strict}, cost=cost, num_layers=6)
     assert p.decide(Observation("s", 6, embedding=val.embeddings[0]), StateView()) == Offload("cloud")
