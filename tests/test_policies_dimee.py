@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from stream import datasets
+from stream.config import data_dir
 from stream.costs import dimee, preset
 from stream.errors import ConfigError, DataError
 from stream.matrix import ConfidenceMatrix
@@ -162,6 +163,18 @@ def test_split_80_10_10_is_deterministic_disjoint_and_complete():
         datasets.split_indices(10, fractions=(0.8, 0.1))
 
 
+def test_three_way_split_keeps_every_sample_once_and_names_its_share():
+    ds = datasets.Dataset("toy", "train", [f"toy/train/{i}" for i in range(50)], [f"t{i}" for i in range(50)], None,
+                          np.arange(50) % 2, ("a", "b"), "toy.tsv")
+    parts = datasets.three_way(ds, seed=1)
+    assert [len(p) for p in parts.values()] == [40, 5, 5] and parts["val"].split == "val-s1"
+    assert sorted(sum((p.texts for p in parts.values()), [])) == sorted(ds.texts)
+    with pytest.raises(DataError, match="too few"):
+        datasets.three_way(ds.subset([0, 1]), seed=1)
+
+
+@pytest.mark.skipif(not (data_dir() / "MRPC" / "train.tsv").is_file(),
+                    reason="splits MRPC from the shared datasets folder, not found (set EXITFLOW_DATA)")
 def test_three_way_split_of_a_labelled_task_has_no_shared_sample():
     parts = datasets.three_way(datasets.labelled("mrpc"), seed=0)
     ids = [set(p.ids) for p in parts.values()]
