@@ -8,7 +8,7 @@ CAL_MATRIX := $(HOME_DIR)/matrices/sst2-dev.npz
 CAL        := $(HOME_DIR)/calibration/splitee.json
 DEMO_ARGS ?= --dataset imdb --limit 2000 --rate 30 --policy splitee --set calibration=$(CAL) --json artifacts/demo.json
 
-.PHONY: install run test bench fault soak reproduce clean
+.PHONY: install run test bench fault fault-repeat soak reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
+
+# The rebalance fault test N times in a row (issue #11): one line per run, the tally, and non-zero unless
+# every run passed. Logs of failed runs stay in artifacts/fault-repeat/.
+N ?= 20
+fault-repeat: $(STAMP)
+	@mkdir -p artifacts/fault-repeat; pass=0; \
+	for i in $$(seq 1 $(N)); do \
+	  log=artifacts/fault-repeat/run-$$i.log; start=$$(date +%s); \
+	  if $(BIN)/python -m pytest -q -s -m fault -k rebalance tests/test_faults.py > $$log 2>&1; then \
+	    pass=$$((pass + 1)); echo "run $$i: pass ($$(( $$(date +%s) - start )) s) $$(grep -o 'lost=.*' $$log)"; rm -f $$log; \
+	  else echo "run $$i: FAIL ($$(( $$(date +%s) - start )) s), log in $$log"; fi; \
+	done; echo "rebalance: $$pass of $(N) passed"; [ $$pass -eq $(N) ]

@@ -49,6 +49,7 @@ class WorkerConfig:
     poll_ms: int = 50
     idle_exit_s: float | None = None          # stop after this long without records (demo/tests)
     broker_timeout_s: float = 60.0            # exit non-zero after the broker is unreachable this long
+    stall_s: float = 10.0                     # rejoin after holding no partition this long while inputs wait
     exit_process_on_outage: bool = False      # a CLI worker leaves the process then (see StageWorker._watchdog)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -98,7 +99,14 @@ def part_key(record) -> str:
 
 
 class StageWorker:
-    """Base of the device, edge and cloud workers: subclasses set ``stage``/``inputs`` and ``process``."""
+    """Base of the device, edge and cloud workers: subclasses set ``stage``/``inputs`` and ``process``.
+
+    Group membership survives the embedded Tansu coordinator (0.6), which reports every failed offset
+    commit as UNKNOWN_MEMBER_ID, sends the group back to rebalancing on every LeaveGroup and can leave a
+    member without partitions: a failed commit, or no partition for ``stall_s`` while the inputs hold
+    records nobody applies, makes the worker rejoin as a new member (``consumer_rejoins`` metric). The
+    Redis fence (applied offsets per partition) makes the redelivery that follows harmless.
+    """
 
     stage = ""
 
@@ -143,10 +151,9 @@ class StageWorker:
             def on_partitions_assigned(self, assigned):
                 worker._on_assigned(assigned)
 
+        self._listener = Listener()
         self._producer = K.producer(self.config.bootstrap)
-        self._consumer = K.consumer(self.config.bootstrap, group=self.group,
-                                    max_poll_records=self.config.batch_size)
-        self._consumer.subscribe(self.inputs(), listener=Listener())
+        self._join()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
         log.info("%s worker: group %s, inputs %s", self.stage, self.group, self.inputs())
@@ -160,6 +167,8 @@ class StageWorker:
                 if not records:
                     if not self._broker_ok():
                         return 3
+                    if self._stalled():
+                        self._rejoin("stalled")
                     idle = self.config.idle_exit_s
                     if idle is not None and time.monotonic() - last_data > idle:
                         log.info("%s worker: idle for %.0fs, stopping", self.stage, idle)
@@ -238,14 +247,76 @@ class StageWorker:
                  if i in dups and c.record is not None]
         self._publish(outputs + extra)
         self._retry(self.checkpoint.clear_outbox, sorted(offsets))
-        self._consumer.commit()
         self.fence.update(offsets)
+        self._commit_kafka()
         self.processed += len(fresh)
         if self.metrics:
             self.metrics.batch(len(fresh))
             for _ in dups:
                 self.metrics.dlq("duplicate")
             self._report_lag()
+
+    # -- consumer-group recovery (the embedded Tansu coordinator, see the class docstring) ---------
+    def _join(self) -> None:
+        """A fresh consumer (new member id) subscribed to the inputs."""
+        self._consumer = K.consumer(self.config.bootstrap, group=self.group, max_poll_records=self.config.batch_size)
+        self._consumer.subscribe(self.inputs(), listener=self._listener)
+        self._unassigned_since: float | None = None
+        self._stall_mark: tuple | None = None
+        self._last_stall_check = 0.0
+
+    def _rejoin(self, reason: str) -> None:
+        """Leave the group and join it again as a new member; redelivered records meet the Redis fence."""
+        log.warning("%s worker: rejoining group %s (%s)", self.stage, self.group, reason)
+        if self.metrics:
+            self.metrics.rejoin(reason)
+        try:
+            self._consumer.close(autocommit=False)
+        except Exception:  # the old member may already be gone on the broker's side
+            log.debug("error closing the old consumer", exc_info=True)
+        self._join()
+
+    def _commit_kafka(self) -> None:
+        """Commit the consumer's offsets; a failed commit (Tansu reports every one as UNKNOWN_MEMBER_ID,
+        a rebalance as ILLEGAL_GENERATION) means rejoin: Redis holds the applied offsets, so nothing is lost."""
+        from kafka.errors import CommitFailedError, KafkaError
+
+        try:
+            self._consumer.commit()
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("%s worker: offset commit failed (%s)", self.stage, exc)
+            self._rejoin("commit_failed")
+
+    def _stalled(self) -> bool:
+        """True when this member has held no partition for ``stall_s`` while the inputs have records
+        nobody applies (the coordinator left it out of the assignment). An idle member whose peers are
+        making progress is not stalled. Checked at most every 2 s."""
+        now = time.monotonic()
+        if self._consumer.assignment():
+            self._unassigned_since = self._stall_mark = None
+            return False
+        if self._unassigned_since is None:
+            self._unassigned_since = now
+        if now - self._last_stall_check < 2.0:
+            return False
+        self._last_stall_check = now
+        from kafka import TopicPartition
+
+        tps = [TopicPartition(t, p) for t in self.inputs() for p in sorted(self._consumer.partitions_for_topic(t) or ())]
+        if not tps:
+            return False
+        try:
+            ends = self._consumer.end_offsets(tps)
+        except Exception:  # the broker is down or busy: the outage watchdog handles that, not a rejoin
+            return False
+        applied = self._retry(self.checkpoint.applied_offsets)
+        behind = tuple(sorted((f"{tp.topic}:{tp.partition}", applied.get(f"{tp.topic}:{tp.partition}", -1))
+                              for tp in tps if ends.get(tp, 0) - 1 > applied.get(f"{tp.topic}:{tp.partition}", -1)))
+        if not behind or behind != self._stall_mark:
+            self._stall_mark = behind or None          # progress (or nothing to do): start the clock again
+            self._unassigned_since = now
+            return False
+        return now - self._unassigned_since > self.config.stall_s
 
     def _report_lag(self) -> None:
         """Consumer lag per assigned partition, from the high watermark the last fetch returned."""

@@ -78,6 +78,8 @@ class _Families:
         self.broker_up = Gauge("broker_up", "1 while the Kafka broker answers this stage, 0 while it is down",
                                ["stage"], **r)
         self.broker_errors = Counter("broker_errors", "Errors talking to the Kafka broker", ["stage"], **r)
+        self.rejoins = Counter("consumer_rejoins", "Times a worker left and rejoined its consumer group, by reason",
+                               ["stage", "reason"], **r)
         self.batch = Histogram("batch_records", "Records per processed batch", ["stage"],
                                buckets=BATCH_BUCKETS, **r)
         self.policies: set[str] = set()
@@ -227,6 +229,10 @@ class StageMetrics:
     def broker_error(self) -> None:
         """One failed call to the broker (``broker_errors`` is the counter itself)."""
         self.broker_errors.inc()
+
+    def rejoin(self, reason: str) -> None:
+        """The worker rejoined its consumer group (``commit_failed`` or ``stalled``)."""
+        self._f.rejoins.labels(self.stage, reason).inc()
 
     def batch(self, size: int) -> None:
         """Size of one processed batch."""

@@ -208,14 +208,19 @@ def test_rebalance_second_worker_joins_then_one_stops(stack):
     time.sleep(4.0)
     os.killpg(first.pid, signal.SIGTERM)
     first.wait(30)
+    stopped = time.time()
     feeder.join(60)
     results = stack.wait(n)
     lost, dups = _exactly_once(results, n)
     state = _settled(stack, n)
     stages = Counter(r["stage"] for r in results)
-    print(f"\n[fault] rebalance: samples={n} lost={lost} duplicates={dups} state_t={state.get('t')} stages={dict(stages)}")
+    # device results written after the first worker had exited can only come from the second one
+    second = sum(r["stage"] == "device" and r["ts"] > stopped for r in results)
+    print(f"\n[fault] rebalance: samples={n} lost={lost} duplicates={dups} state_t={state.get('t')} stages={dict(stages)} "
+          f"second_worker_after_stop={second}")
     assert (lost, dups) == (0, 0)
     assert state.get("t") == n
+    assert second > 0, "the second device worker processed nothing once the first had stopped"
 
 
 def test_broker_outage_is_reported_and_exits_nonzero(broker, redis_server, topic_prefix, model_dir):
