@@ -45,8 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without records")
     p.add_argument("--outage-timeout", type=float, default=60.0,
                    help="exit with code 3 when Kafka or Redis stays unreachable this long (retrying meanwhile)")
-    p.add_argument("--stall-timeout", type=float, default=10.0,
-                   help="rejoin the consumer group after holding no partition this long while inputs wait")
+    p.add_argument("--lease-timeout", type=float, default=6.0,
+                   help="partition lease time in Redis: a dead worker's partitions move to the others after it")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--reference", type=Path, default=None,
@@ -86,7 +86,7 @@ def cmd_worker(args) -> int:
     config = WorkerConfig(bootstrap=args.bootstrap, redis_url=redis_url(args), topic_prefix=args.prefix,
                           redis_prefix=args.redis_prefix, group=args.group, batch_size=args.batch_size,
                           idle_exit_s=args.idle_exit, metrics_port=args.metrics_port,
-                          metrics_host=args.metrics_host, broker_timeout_s=args.outage_timeout, stall_s=args.stall_timeout,
+                          metrics_host=args.metrics_host, broker_timeout_s=args.outage_timeout, lease_s=args.lease_timeout,
                           exit_process_on_outage=True)
     model = load_model(args.model, args.threads)
     metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)

@@ -28,7 +28,7 @@ import msgpack
 
 from stream import kafka as K
 from stream import messages
-from stream.checkpoint import Checkpointer, SampleCommit
+from stream.checkpoint import Checkpointer, LeaseLost, SampleCommit
 from stream.config import Topics
 from stream.errors import InfraError
 from stream.infra import port_open
@@ -49,7 +49,7 @@ class WorkerConfig:
     poll_ms: int = 50
     idle_exit_s: float | None = None          # stop after this long without records (demo/tests)
     broker_timeout_s: float = 60.0            # exit non-zero after the broker is unreachable this long
-    stall_s: float = 10.0                     # rejoin after holding no partition this long while inputs wait
+    lease_s: float = 6.0                      # partition lease time: a dead worker's partitions move after it
     exit_process_on_outage: bool = False      # a CLI worker leaves the process then (see StageWorker._watchdog)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -94,6 +94,11 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
+def record_mark(record) -> str:
+    """What identifies a record within its partition's log: its key (a sample id), else its timestamp."""
+    return record.key.decode("utf-8", "replace") if record.key else f"ts:{record.timestamp}"
+
+
 def part_key(record) -> str:
     return f"{record.topic}:{record.partition}"
 
@@ -101,11 +106,10 @@ def part_key(record) -> str:
 class StageWorker:
     """Base of the device, edge and cloud workers: subclasses set ``stage``/``inputs`` and ``process``.
 
-    Group membership survives the embedded Tansu coordinator (0.6), which reports every failed offset
-    commit as UNKNOWN_MEMBER_ID, sends the group back to rebalancing on every LeaveGroup and can leave a
-    member without partitions: a failed commit, or no partition for ``stall_s`` while the inputs hold
-    records nobody applies, makes the worker rejoin as a new member (``consumer_rejoins`` metric). The
-    Redis fence (applied offsets per partition) makes the redelivery that follows harmless.
+    Partitions are owned through leases in Redis (:mod:`consumers.leases`) and fetched by manual
+    assignment: the embedded Tansu coordinator (0.6) could leave a group without an assignment for good.
+    Progress lives in Redis (applied offsets, committed atomically with the state and checked against the
+    lease), so a new owner starts each partition right after its applied offset.
     """
 
     stage = ""
@@ -119,6 +123,15 @@ class StageWorker:
         self.checkpoint = Checkpointer(self.redis, self.group, prefix=config.redis_prefix)
         self.metrics = metrics
         self.fence: dict[str, int] = {}
+        self._verified: set[tuple[str, int]] = set()
+        self._leases = None
+        self._assigned: set[str] = set()
+        self._parts: list[str] = []
+        self._parts_at = 0.0
+        self._balanced_at = 0.0
+        self._recheck = False
+        self._high: dict[str, int] = {}          # highest offset seen per partition (this log)
+        self._high_before: dict[str, int] = {}   # ... as it was when the broker was last seen down
         self.processed = 0
         self._stop = threading.Event()
         self._consumer = None
@@ -140,35 +153,31 @@ class StageWorker:
 
     def run(self) -> int:
         """Consume until stopped (SIGTERM/SIGINT, idle timeout); returns the process exit code."""
-        from kafka import ConsumerRebalanceListener
+        from consumers.leases import PartitionLeases
 
-        worker = self
-
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):
-                pass
-
-            def on_partitions_assigned(self, assigned):
-                worker._on_assigned(assigned)
-
-        self._listener = Listener()
         self._producer = K.producer(self.config.bootstrap)
-        self._join()
+        self._consumer = K.consumer(self.config.bootstrap, max_poll_records=self.config.batch_size)
+        self._leases = PartitionLeases(self.redis, self.group, prefix=self.config.redis_prefix,
+                                       ttl_s=self.config.lease_s).start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
-        log.info("%s worker: group %s, inputs %s", self.stage, self.group, self.inputs())
+        log.info("%s worker: group %s (member %s), inputs %s", self.stage, self.group, self._leases.member,
+                 self.inputs())
         if self.config.exit_process_on_outage:
             threading.Thread(target=self._watchdog, name="broker-watchdog", daemon=True).start()
         last_data = time.monotonic()
         try:
             while not self._stop.is_set():
-                polled = self._consumer.poll(timeout_ms=self.config.poll_ms, max_records=self.config.batch_size)
-                records = [r for batch in polled.values() for r in batch]
+                self._retry(self._rebalance)
+                if not self._leases.held:
+                    time.sleep(self.config.poll_ms / 1000)
+                    polled = {}
+                else:
+                    polled = self._consumer.poll(timeout_ms=self.config.poll_ms, max_records=self.config.batch_size)
+                records = [r for batch in polled.values() for r in batch if part_key(r) in self._leases.held]
                 if not records:
                     if not self._broker_ok():
                         return 3
-                    if self._stalled():
-                        self._rejoin("stalled")
                     idle = self.config.idle_exit_s
                     if idle is not None and time.monotonic() - last_data > idle:
                         log.info("%s worker: idle for %.0fs, stopping", self.stage, idle)
@@ -182,6 +191,56 @@ class StageWorker:
             return 3
         finally:
             self.close()
+
+    # -- partition ownership (consumers/leases.py) ------------------------------------------------
+    def _partitions(self) -> list[str]:
+        """Every partition of the input topics (metadata refreshed at most every 5 s)."""
+        now = time.monotonic()
+        if now - self._parts_at > 5.0 or not self._parts:
+            found = []
+            for topic in self.inputs():
+                found += [f"{topic}:{p}" for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
+            if found:
+                self._parts, self._parts_at = found, now
+        return self._parts
+
+    def _rebalance(self) -> None:
+        """Take the partitions the lease spread gives this member, hand back the others (between batches)."""
+        from kafka import TopicPartition
+
+        now = time.monotonic()
+        if now - self._balanced_at < 0.5 and not self._recheck:
+            return
+        self._balanced_at = now
+        before = set(self._assigned)
+        gained, lost = self._leases.balance(self._partitions())
+        held = set(self._leases.held)             # the renewal thread may also have dropped some
+        if held != before:
+            if held - before or before - held:
+                log.info("%s worker: partitions now %s (gained %s, handed back %s)", self.stage, sorted(held),
+                         sorted(held - before), sorted(before - held))
+            if self.metrics:
+                self.metrics.handover(len(held - before), len(before - held))
+            tps = {p: TopicPartition(p.rpartition(":")[0], int(p.rpartition(":")[2])) for p in held}
+            self._consumer.assign(list(tps.values()))
+            self._assigned = held
+            if held - before:
+                self._on_assigned([tps[p] for p in sorted(held - before)])
+            for part in sorted(held - before):
+                self._seek(tps[part], part)
+        if self._recheck:                           # the broker came back: it may have come back empty
+            self._recheck = False
+            self._verified.clear()
+            for part in sorted(held):
+                fence = self.fence.get(part, -1)
+                self._check_log(part)
+                if self.fence.get(part, -1) != fence:
+                    self._seek(TopicPartition(part.rpartition(":")[0], int(part.rpartition(":")[2])), part)
+
+    def _seek(self, tp, part: str) -> None:
+        """Start a partition right after its applied offset (Redis is the record of progress, not Kafka)."""
+        self._check_log(part)
+        self._consumer.seek(tp, self.fence.get(part, -1) + 1)
 
     def _watchdog(self) -> None:
         """Exit the process (code 3) once the broker has been unreachable past the outage timeout.
@@ -211,6 +270,7 @@ class StageWorker:
                 log.warning("%s worker: Kafka at %s is back after %.1fs", self.stage, self.config.bootstrap,
                             now - self._down_since)
                 self._set_down(False)
+                self._recheck = True
             return True
         if self._down_since is None:
             log.error("%s worker: Kafka at %s is unreachable; retrying for up to %.0fs", self.stage,
@@ -224,17 +284,32 @@ class StageWorker:
 
     def _set_down(self, down: bool) -> None:
         self._down_since = time.monotonic() if down else None
+        if down:
+            self._high_before = dict(self._high)
         if self.metrics:
             self.metrics.broker_down(down)
 
     def _handle(self, records: list) -> None:
+        last: dict[str, Any] = {}
+        for r in records:
+            part = part_key(r)
+            if r.offset > getattr(last.get(part), "offset", -1):
+                last[part] = r
+            self._high[part] = max(self._high.get(part, -1), r.offset)
+        for part in sorted({part_key(r) for r in records if r.offset <= self.fence.get(part_key(r), -1)}):
+            self._check_log(part)           # about to skip records as applied: is this the log we fenced?
         fresh = [r for r in records if r.offset > self.fence.get(part_key(r), -1)]
         commits = self._retry(self.process, fresh) if fresh else []
-        offsets: dict[str, int] = {}
-        for r in records:
-            offsets[part_key(r)] = max(offsets.get(part_key(r), -1), r.offset)
+        offsets = {part: r.offset for part, r in last.items()}
+        marks = {part: record_mark(r) for part, r in last.items()}
         started = time.perf_counter()
-        dups = self._commit(commits, offsets)
+        try:
+            dups = self._commit(commits, offsets, marks)
+        except LeaseLost as exc:     # another member owns a partition now: it will process these records
+            log.warning("%s worker: batch dropped: %s", self.stage, exc)
+            self._recheck = False
+            self._balanced_at = 0.0
+            return
         if self.metrics:
             self.metrics.state_write(time.perf_counter() - started)
         if dups is None:  # an earlier attempt went through before Redis dropped the connection
@@ -248,75 +323,12 @@ class StageWorker:
         self._publish(outputs + extra)
         self._retry(self.checkpoint.clear_outbox, sorted(offsets))
         self.fence.update(offsets)
-        self._commit_kafka()
         self.processed += len(fresh)
         if self.metrics:
             self.metrics.batch(len(fresh))
             for _ in dups:
                 self.metrics.dlq("duplicate")
             self._report_lag()
-
-    # -- consumer-group recovery (the embedded Tansu coordinator, see the class docstring) ---------
-    def _join(self) -> None:
-        """A fresh consumer (new member id) subscribed to the inputs."""
-        self._consumer = K.consumer(self.config.bootstrap, group=self.group, max_poll_records=self.config.batch_size)
-        self._consumer.subscribe(self.inputs(), listener=self._listener)
-        self._unassigned_since: float | None = None
-        self._stall_mark: tuple | None = None
-        self._last_stall_check = 0.0
-
-    def _rejoin(self, reason: str) -> None:
-        """Leave the group and join it again as a new member; redelivered records meet the Redis fence."""
-        log.warning("%s worker: rejoining group %s (%s)", self.stage, self.group, reason)
-        if self.metrics:
-            self.metrics.rejoin(reason)
-        try:
-            self._consumer.close(autocommit=False)
-        except Exception:  # the old member may already be gone on the broker's side
-            log.debug("error closing the old consumer", exc_info=True)
-        self._join()
-
-    def _commit_kafka(self) -> None:
-        """Commit the consumer's offsets; a failed commit (Tansu reports every one as UNKNOWN_MEMBER_ID,
-        a rebalance as ILLEGAL_GENERATION) means rejoin: Redis holds the applied offsets, so nothing is lost."""
-        from kafka.errors import CommitFailedError, KafkaError
-
-        try:
-            self._consumer.commit()
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning("%s worker: offset commit failed (%s)", self.stage, exc)
-            self._rejoin("commit_failed")
-
-    def _stalled(self) -> bool:
-        """True when this member has held no partition for ``stall_s`` while the inputs have records
-        nobody applies (the coordinator left it out of the assignment). An idle member whose peers are
-        making progress is not stalled. Checked at most every 2 s."""
-        now = time.monotonic()
-        if self._consumer.assignment():
-            self._unassigned_since = self._stall_mark = None
-            return False
-        if self._unassigned_since is None:
-            self._unassigned_since = now
-        if now - self._last_stall_check < 2.0:
-            return False
-        self._last_stall_check = now
-        from kafka import TopicPartition
-
-        tps = [TopicPartition(t, p) for t in self.inputs() for p in sorted(self._consumer.partitions_for_topic(t) or ())]
-        if not tps:
-            return False
-        try:
-            ends = self._consumer.end_offsets(tps)
-        except Exception:  # the broker is down or busy: the outage watchdog handles that, not a rejoin
-            return False
-        applied = self._retry(self.checkpoint.applied_offsets)
-        behind = tuple(sorted((f"{tp.topic}:{tp.partition}", applied.get(f"{tp.topic}:{tp.partition}", -1))
-                              for tp in tps if ends.get(tp, 0) - 1 > applied.get(f"{tp.topic}:{tp.partition}", -1)))
-        if not behind or behind != self._stall_mark:
-            self._stall_mark = behind or None          # progress (or nothing to do): start the clock again
-            self._unassigned_since = now
-            return False
-        return now - self._unassigned_since > self.config.stall_s
 
     def _report_lag(self) -> None:
         """Consumer lag per assigned partition, from the high watermark the last fetch returned."""
@@ -325,7 +337,8 @@ class StageWorker:
             if high is not None:
                 self.metrics.lag(tp.topic, tp.partition, max(0, high - self._consumer.position(tp)))
 
-    def _commit(self, commits: list[SampleCommit], offsets: dict[str, int]) -> set[int] | None:
+    def _commit(self, commits: list[SampleCommit], offsets: dict[str, int],
+                marks: dict[str, str] | None = None) -> set[int] | None:
         """The atomic Redis commit, retried while Redis is unreachable.
 
         Returns the duplicates' positions, or None when a lost reply hid an attempt that did apply
@@ -339,7 +352,7 @@ class StageWorker:
                 if all(applied.get(p, -1) >= off for p, off in offsets.items()):
                     return None
             attempts.append(1)
-            return self.checkpoint.commit(commits, offsets)
+            return self.checkpoint.commit(commits, offsets, marks, member=self._leases.member)
 
         return self._retry(attempt)
 
@@ -364,7 +377,12 @@ class StageWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _publish(self, blobs: list[bytes]) -> None:
+    def _publish(self, blobs: list[bytes], renew: bool = True) -> None:
+        """Produce ``blobs`` and wait for the acks; the outbox in Redis keeps them until this returns.
+
+        A broker that restarted empty has forgotten the idempotent producer (UnknownProducerIdError, or a
+        fatal InitProducerId): the producer is then replaced once and only the failed sends are repeated.
+        """
         futures = []
         for blob in blobs:
             topic, key, value = msgpack.unpackb(blob, raw=False)
@@ -374,9 +392,81 @@ class StageWorker:
         except Exception as exc:  # KafkaTimeoutError and friends: the outbox stays in Redis for a restart
             raise OutageError(f"could not publish to Kafka at {self.config.bootstrap} within "
                               f"{self.config.broker_timeout_s:.0f}s: {exc}") from None
-        for fut in futures:
-            if fut.failed():
-                raise OutageError(f"could not publish to Kafka at {self.config.bootstrap}: {fut.exception}")
+        failed = [(blob, fut) for blob, fut in zip(blobs, futures) if fut.failed()]
+        if not failed:
+            return
+        if renew:
+            log.warning("%s worker: %d of %d sends failed (%s); replacing the producer and sending them again",
+                        self.stage, len(failed), len(blobs), failed[0][1].exception)
+            try:
+                self._producer.close(timeout=5)
+            except Exception:  # a producer in a fatal state may refuse to close cleanly
+                log.debug("error closing the old producer", exc_info=True)
+            self._producer = K.producer(self.config.bootstrap)
+            return self._publish([blob for blob, _ in failed], renew=False)
+        raise OutageError(f"could not publish to Kafka at {self.config.bootstrap}: {failed[0][1].exception}")
+
+    # -- the offset fence against a broker that comes back empty --------------------------------
+    def _check_log(self, part: str) -> None:
+        """Re-base ``part``'s fence if the broker's log is not the one it was fenced on.
+
+        Checked before records at or below the applied offset are skipped (rare: a redelivery after a
+        crash or rebalance, or a new log reusing offsets). The signal: the partition's end offset is at or
+        below the applied offset, or the record now at that offset is not the one applied there (its key,
+        kept in Redis with the offset). Each (partition, fence) is checked once.
+        """
+        fence = self.fence.get(part, -1)
+        if fence < 0 or (part, fence) in self._verified:
+            return
+        same, why = self._same_log(part, fence)
+        if same:
+            self._verified.add((part, fence))
+            return
+        high = self._high_before.get(part, -1)
+        lost = max(0, high - fence)
+        log.warning("%s worker: partition %s: the broker's log is not the one fenced at offset %d (%s); "
+                    "re-basing the fence to the new log (samples applied before stay applied, by sample id); "
+                    "%s", self.stage, part, fence, why,
+                    f"{lost} records the old log held past the fence were never applied and are lost with the "
+                    f"broker's memory" if lost else "no record of the old log was left unapplied that this worker saw")
+        self._retry(self.checkpoint.rebase, part)
+        self.fence[part] = -1
+        self._high[part] = self._high_before[part] = -1
+        if self.metrics:
+            self.metrics.rebase(lost)
+
+    def _same_log(self, part: str, fence: int) -> tuple[bool, str]:
+        """Read the record at ``fence`` back. Tansu's ListOffsets reports the last *batch*'s base offset + 1,
+        not the high watermark, so the end offset alone cannot tell; a fetch response's high watermark can."""
+        from kafka import TopicPartition
+
+        mark = self._retry(self.checkpoint.marks).get(part)
+        topic, _, num = part.rpartition(":")
+        tp = TopicPartition(topic, int(num))
+        reader = K.consumer(self.config.bootstrap)
+        try:
+            reader.assign([tp])
+            reader.seek(tp, fence)
+            deadline = time.monotonic() + 10
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline:
+                for records in reader.poll(timeout_ms=200, max_records=1).values():
+                    quiet_since = time.monotonic()
+                    for r in records:
+                        if r.offset < fence:     # out of range, reset to the start: the log is shorter
+                            return False, f"it starts over (offset {r.offset} came back for offset {fence})"
+                        if r.offset == fence:
+                            if mark is None:     # fenced before marks were kept: nothing to compare
+                                return True, ""
+                            same = record_mark(r) == mark
+                            return same, "" if same else f"offset {fence} now holds another record"
+                        return True, ""          # compacted or transactional gap: not evidence of a new log
+                high = reader.highwater(tp)
+                if high is not None and high <= fence and time.monotonic() - quiet_since > 1.0:
+                    return False, f"its high watermark is {high}"
+            return True, ""           # could not read it back in time: keep the fence (never re-apply)
+        finally:
+            reader.close()
 
     def _on_assigned(self, assigned) -> None:
         self.fence = self._retry(self.checkpoint.applied_offsets)
@@ -429,6 +519,8 @@ class StageWorker:
         return out
 
     def close(self) -> None:
+        if self._leases is not None:
+            self._leases.close()
         for client in (self._consumer, self._producer):
             try:
                 if client is not None:

@@ -78,8 +78,12 @@ class _Families:
         self.broker_up = Gauge("broker_up", "1 while the Kafka broker answers this stage, 0 while it is down",
                                ["stage"], **r)
         self.broker_errors = Counter("broker_errors", "Errors talking to the Kafka broker", ["stage"], **r)
-        self.rejoins = Counter("consumer_rejoins", "Times a worker left and rejoined its consumer group, by reason",
-                               ["stage", "reason"], **r)
+        self.handovers = Counter("partition_handovers", "Input partitions this worker took over or handed back "
+                                 "(Redis leases)", ["stage", "kind"], **r)
+        self.rebases = Counter("fence_rebases", "Times a partition's offset fence was re-based because the broker's "
+                               "log was a new one (an empty broker restart)", ["stage"], **r)
+        self.broker_lost = Counter("broker_lost_records", "Records the broker held but lost before any worker "
+                                   "applied them (seen in its log, gone after an empty restart)", ["stage"], **r)
         self.batch = Histogram("batch_records", "Records per processed batch", ["stage"],
                                buckets=BATCH_BUCKETS, **r)
         self.policies: set[str] = set()
@@ -230,9 +234,18 @@ class StageMetrics:
         """One failed call to the broker (``broker_errors`` is the counter itself)."""
         self.broker_errors.inc()
 
-    def rejoin(self, reason: str) -> None:
-        """The worker rejoined its consumer group (``commit_failed`` or ``stalled``)."""
-        self._f.rejoins.labels(self.stage, reason).inc()
+    def handover(self, gained: int, lost: int) -> None:
+        """Partitions taken over (lease acquired) and handed back (released or expired)."""
+        if gained:
+            self._f.handovers.labels(self.stage, "gained").inc(gained)
+        if lost:
+            self._f.handovers.labels(self.stage, "lost").inc(lost)
+
+    def rebase(self, lost: int) -> None:
+        """A partition's fence was re-based; ``lost`` records of the old log were never applied."""
+        self._f.rebases.labels(self.stage).inc()
+        if lost:
+            self._f.broker_lost.labels(self.stage).inc(lost)
 
     def batch(self, size: int) -> None:
         """Size of one processed batch."""

@@ -27,13 +27,20 @@ import numpy as np
 Value = float | np.ndarray
 
 # KEYS: none (all keys derive from the prefix, single-node Redis).
-# ARGV[1]: JSON {prefix, ttl, group, offsets: {"topic:partition": offset},
+# ARGV[1]: JSON {prefix, ttl, group, offsets: {"topic:partition": offset}, marks: {"topic:partition": key},
 #                samples: [{id, dedup, part, n_out, updates: [[ns, field, kind, value], ...]}]}
 # ARGV[2..]: output blobs, n_out per sample in order.
-# Returns the 0-based positions of the samples that were duplicates (nothing applied for them).
+# Returns the 0-based positions of the samples that were duplicates (nothing applied for them), or {-1}
+# when ARGV[1] names a member that does not hold the lease of every partition (nothing applied at all).
 COMMIT_LUA = r"""
 local h = cjson.decode(ARGV[1])
 local p = h.prefix
+if h.member and h.member ~= '' then
+  -- partition leases (consumers/leases.py): a member that lost a partition's lease applies nothing
+  for part, _ in pairs(h.offsets) do
+    if redis.call('GET', p .. 'lease:' .. h.group .. ':' .. part) ~= h.member then return {-1} end
+  end
+end
 local dups = {}
 local argi = 2
 -- Vector deltas (e.g. DIMEE centroid sums) are summed over the batch's fresh samples first and
@@ -91,7 +98,11 @@ for _, acc in pairs(vectors) do flush_vector(acc) end
 for part, off in pairs(h.offsets) do
   local key = p .. 'offsets:' .. h.group
   local cur = tonumber(redis.call('HGET', key, part) or '-1')
-  if tonumber(off) > cur then redis.call('HSET', key, part, off) end
+  if tonumber(off) > cur then
+    redis.call('HSET', key, part, off)
+    local mark = h.marks and h.marks[part]
+    if mark then redis.call('HSET', p .. 'marks:' .. h.group, part, mark) end
+  end
 end
 return dups
 """
@@ -121,6 +132,10 @@ def decode_state(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Value]:
     return out
 
 
+class LeaseLost(RuntimeError):
+    """A batch was refused because its worker no longer owns one of its partitions."""
+
+
 @dataclasses.dataclass
 class SampleCommit:
     """What one sample's processing wants committed: its dedup key, state updates and output blobs."""
@@ -143,18 +158,44 @@ class Checkpointer:
         self.ttl_s = int(ttl_s)
         self._commit = redis.register_script(COMMIT_LUA)
 
-    def commit(self, samples: Sequence[SampleCommit], offsets: Mapping[str, int]) -> set[int]:
-        """Apply a batch atomically; returns the positions in ``samples`` of duplicates (nothing applied)."""
-        header = {"prefix": self.prefix, "ttl": self.ttl_s, "group": self.group,
-                  "offsets": {k: str(int(v)) for k, v in offsets.items()},
+    def commit(self, samples: Sequence[SampleCommit], offsets: Mapping[str, int],
+               marks: Mapping[str, str] | None = None, member: str = "") -> set[int]:
+        """Apply a batch atomically; returns the positions in ``samples`` of duplicates (nothing applied).
+
+        ``marks`` names the record at each partition's new applied offset (its key), so a later owner can
+        tell the log it fenced from a new one that reuses the offsets (:meth:`rebase`). With ``member``,
+        the batch applies only if that member holds the lease of every partition in ``offsets``, else
+        :class:`LeaseLost` is raised and nothing is applied.
+        """
+        header = {"prefix": self.prefix, "ttl": self.ttl_s, "group": self.group, "member": member,
+                  "offsets": {k: str(int(v)) for k, v in offsets.items()}, "marks": dict(marks or {}),
                   "samples": [{"id": s.sample_id, "dedup": s.dedup, "part": s.partition,
                                "n_out": len(s.outputs), "updates": s.updates} for s in samples]}
         args = [json.dumps(header)] + [out for s in samples for out in s.outputs]
-        return {int(d) for d in self._commit(keys=[], args=args)}
+        dups = {int(d) for d in self._commit(keys=[], args=args)}
+        if -1 in dups:
+            raise LeaseLost(f"member {member} no longer holds the lease of {sorted(offsets)}; nothing applied")
+        return dups
 
     def applied_offsets(self) -> dict[str, int]:
         raw = self.redis.hgetall(self.prefix + "offsets:" + self.group)
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    def marks(self) -> dict[str, str]:
+        """The key of the record at each partition's applied offset (see :meth:`commit`)."""
+        raw = self.redis.hgetall(self.prefix + "marks:" + self.group)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def rebase(self, partition: str) -> None:
+        """Forget the applied offset of ``partition``: its log is a new one (an empty broker restart).
+
+        Only the offset fence moves; the per-sample dedup and the policy state stay, so a sample applied
+        before is never applied again, whatever its new offset.
+        """
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.prefix + "offsets:" + self.group, partition, -1)
+        pipe.hdel(self.prefix + "marks:" + self.group, partition)
+        pipe.execute()
 
     def outbox(self, partition: str) -> list[bytes]:
         return self.redis.lrange(self._outbox_key(partition), 0, -1)

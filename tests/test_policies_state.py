@@ -185,3 +185,20 @@ def test_batched_flushes_equal_the_running_totals(events, cuts):
     assert set(state) == set(expected)
     for field, value in expected.items():
         assert np.allclose(state[field], value)
+
+
+def test_the_fence_keeps_a_mark_and_rebases_without_forgetting_applied_samples(redis):
+    from stream.checkpoint import Checkpointer, SampleCommit
+
+    cp = Checkpointer(redis, "g")
+    batch = [SampleCommit("a", "s:0", dedup="device:a", updates=[["ns", "t", "n", "1.0"]], outputs=[b"out-a"])]
+    assert cp.commit(batch, {"s:0": 7}, {"s:0": "a"}) == set()
+    assert cp.applied_offsets() == {"s:0": 7} and cp.marks() == {"s:0": "a"}
+    cp.commit([], {"s:0": 5}, {"s:0": "old"})                  # a lower offset never moves the fence or its mark
+    assert cp.applied_offsets() == {"s:0": 7} and cp.marks() == {"s:0": "a"}
+    cp.rebase("s:0")                                           # an empty broker restart: a new log
+    assert cp.applied_offsets() == {"s:0": -1} and cp.marks() == {}
+    again = [SampleCommit("a", "s:0", dedup="device:a", updates=[["ns", "t", "n", "1.0"]], outputs=[b"out-a"]),
+             SampleCommit("b", "s:0", dedup="device:b", updates=[["ns", "t", "n", "1.0"]], outputs=[b"out-b"])]
+    assert cp.commit(again, {"s:0": 1}, {"s:0": "b"}) == {0}   # a stays applied once; b is new
+    assert cp.state("ns") == {"t": 2.0} and cp.applied_offsets() == {"s:0": 1} and cp.marks() == {"s:0": "b"}
