@@ -1,16 +1,18 @@
 """The loop every stage worker shares: poll a batch, process it, commit it atomically, then publish.
 
-Batch lifecycle (a failed step blocks the Kafka commit, so Kafka redelivers):
+Batch lifecycle (a failed step leaves the applied offset where it was, so the records come again):
 
-1. poll up to ``batch_size`` records; drop those at or below the partition's applied offset in Redis
-   (they were applied before a crash; their outputs sit in the outbox, see below);
+1. poll up to ``batch_size`` records of the partitions this worker leases; drop those at or below the
+   partition's applied offset in Redis (applied before a crash; their outputs sit in the outbox), once
+   the log is checked to be the one fenced (an empty broker restart reuses offsets);
 2. ``process`` them (stage specific) into per-sample :class:`SampleCommit` s: state deltas + outputs;
-3. one Lua call applies deltas once per sample id, appends outputs to the partition's outbox in Redis
-   and raises the applied offsets (:mod:`stream.checkpoint`);
-4. produce the outbox to Kafka and wait for the acks, then clear it;
-5. commit the Kafka offsets.
+3. one Lua call, refused unless this worker holds the partitions' leases, applies deltas once per
+   sample id, appends outputs to the partition's outbox in Redis and raises the applied offsets
+   (:mod:`stream.checkpoint`);
+4. produce the outbox to Kafka and wait for the acks, then clear it.
 
-On partition assignment the new owner first re-publishes whatever outbox a crashed owner left.
+A partition's new owner first re-publishes whatever outbox a crashed owner left, then starts right
+after the applied offset (Kafka's committed offsets are not used).
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ class WorkerConfig:
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+
+#: Where ``EXITFLOW_CRASH_AT=POINT[:N]`` (tests only) kills the worker with SIGKILL, at the N-th batch.
+CRASH_POINTS = ("after_redis_commit", "after_produce", "after_outbox_clear")
+
+
+def crash_plan(value: str | None) -> tuple[str, int] | None:
+    """``EXITFLOW_CRASH_AT`` parsed: ``'after_produce:3'`` → ``('after_produce', 3)``; unset → None.
+
+    >>> crash_plan("after_produce:3"), crash_plan(None)
+    (('after_produce', 3), None)
+    """
+    if not value:
+        return None
+    point, _, nth = value.partition(":")
+    if point not in CRASH_POINTS or (nth and not nth.isdigit()):
+        raise InfraError(f"EXITFLOW_CRASH_AT={value!r}: expected POINT[:N] with POINT one of {CRASH_POINTS}")
+    return point, int(nth or 1)
 
 
 class OutageError(InfraError):
@@ -130,6 +150,8 @@ class StageWorker:
         self._parts_at = 0.0
         self._balanced_at = 0.0
         self._recheck = False
+        self._crash = crash_plan(os.environ.get("EXITFLOW_CRASH_AT"))
+        self._crash_seen = 0
         self._high: dict[str, int] = {}          # highest offset seen per partition (this log)
         self._high_before: dict[str, int] = {}   # ... as it was when the broker was last seen down
         self.processed = 0
@@ -320,8 +342,11 @@ class StageWorker:
         extra = [dlq_envelope(self.topics, self.stage, c.record, f"duplicate sample id {c.sample_id!r}: "
                               f"already processed by stage {self.stage}") for i, c in enumerate(commits)
                  if i in dups and c.record is not None]
+        self._crash_point("after_redis_commit")
         self._publish(outputs + extra)
+        self._crash_point("after_produce")
         self._retry(self.checkpoint.clear_outbox, sorted(offsets))
+        self._crash_point("after_outbox_clear")
         self.fence.update(offsets)
         self.processed += len(fresh)
         if self.metrics:
@@ -329,6 +354,15 @@ class StageWorker:
             for _ in dups:
                 self.metrics.dlq("duplicate")
             self._report_lag()
+
+    def _crash_point(self, point: str) -> None:
+        """Die here, as a SIGKILL would, when ``EXITFLOW_CRASH_AT`` names this point (fault tests only)."""
+        if self._crash and self._crash[0] == point:
+            self._crash_seen += 1
+            if self._crash_seen == self._crash[1]:
+                log.warning("%s worker: EXITFLOW_CRASH_AT=%s:%d, killing myself", self.stage, *self._crash)
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def _report_lag(self) -> None:
         """Consumer lag per assigned partition, from the high watermark the last fetch returned."""

@@ -3,9 +3,9 @@
 A batch is committed in one Lua call (atomic in Redis) that, for every sample whose id it has not seen
 in this stage yet, applies the sample's state deltas and appends its output messages to the outbox of
 its input partition, and then raises ``last_applied_offset[topic, partition]``. Only after that does the
-worker produce the outbox to Kafka, clear it and commit the Kafka offsets. So:
+worker produce the outbox to Kafka and clear it; the applied offsets are the record of progress. So:
 
-* a crash before the Lua call loses nothing (Kafka redelivers, nothing was applied);
+* a crash before the Lua call loses nothing (the records are fetched again, nothing was applied);
 * a crash after it replays nothing twice (records at or below the applied offset are skipped, and the
   outbox left in Redis is produced by whoever owns the partition next, see :meth:`Checkpointer.recover`);
 * a sample id seen twice (redelivery past the offset fence, or a producer that repeats ids) is reported
