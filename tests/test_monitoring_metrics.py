@@ -121,21 +121,6 @@ def test_own_registry_has_process_metrics():
     assert m.registry.get_sample_value("process_cpu_seconds_total") is not None
 
 
-def test_result_is_cheap():
-    import time
-    m = StageMetrics("device", CollectorRegistry())
-    recs = [r for r, _ in records(200)]
-    for r in recs:
-        m.result(r)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        for r in recs:
-            m.result(r)
-    per = (time.perf_counter() - t0) / 2000
-    assert per < 50e-6, f"result() took {per * 1e6:.1f} µs per record"  # a few µs; loose for a busy CI box
-
-
-@needs_promtool
 def test_stage_endpoint_passes_promtool():
     reg = CollectorRegistry()
     m = StageMetrics("device", reg)
