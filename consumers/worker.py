@@ -119,6 +119,14 @@ def record_mark(record) -> str:
     return record.key.decode("utf-8", "replace") if record.key else f"ts:{record.timestamp}"
 
 
+def _tp(part: str):
+    """``'topic:3'`` as a kafka-python TopicPartition."""
+    from kafka import TopicPartition
+
+    topic, _, num = part.rpartition(":")
+    return TopicPartition(topic, int(num))
+
+
 def part_key(record) -> str:
     return f"{record.topic}:{record.partition}"
 
@@ -228,22 +236,19 @@ class StageWorker:
 
     def _rebalance(self) -> None:
         """Take the partitions the lease spread gives this member, hand back the others (between batches)."""
-        from kafka import TopicPartition
-
         now = time.monotonic()
         if now - self._balanced_at < 0.5 and not self._recheck:
             return
         self._balanced_at = now
         before = set(self._assigned)
-        gained, lost = self._leases.balance(self._partitions())
+        self._leases.balance(self._partitions())
         held = set(self._leases.held)             # the renewal thread may also have dropped some
         if held != before:
-            if held - before or before - held:
-                log.info("%s worker: partitions now %s (gained %s, handed back %s)", self.stage, sorted(held),
-                         sorted(held - before), sorted(before - held))
+            log.info("%s worker: partitions now %s (gained %s, handed back %s)", self.stage, sorted(held),
+                     sorted(held - before), sorted(before - held))
             if self.metrics:
                 self.metrics.handover(len(held - before), len(before - held))
-            tps = {p: TopicPartition(p.rpartition(":")[0], int(p.rpartition(":")[2])) for p in held}
+            tps = {p: _tp(p) for p in held}
             self._consumer.assign(list(tps.values()))
             self._assigned = held
             if held - before:
@@ -257,7 +262,7 @@ class StageWorker:
                 fence = self.fence.get(part, -1)
                 self._check_log(part)
                 if self.fence.get(part, -1) != fence:
-                    self._seek(TopicPartition(part.rpartition(":")[0], int(part.rpartition(":")[2])), part)
+                    self._seek(_tp(part), part)
 
     def _seek(self, tp, part: str) -> None:
         """Start a partition right after its applied offset (Redis is the record of progress, not Kafka)."""
@@ -329,7 +334,8 @@ class StageWorker:
             dups = self._commit(commits, offsets, marks)
         except LeaseLost as exc:     # another member owns a partition now: it will process these records
             log.warning("%s worker: batch dropped: %s", self.stage, exc)
-            self._recheck = False
+            for part in sorted(self._assigned):    # nothing was applied: fetch the held ones again
+                self._consumer.seek(_tp(part), self.fence.get(part, -1) + 1)
             self._balanced_at = 0.0
             return
         if self.metrics:
@@ -472,11 +478,8 @@ class StageWorker:
     def _same_log(self, part: str, fence: int) -> tuple[bool, str]:
         """Read the record at ``fence`` back. Tansu's ListOffsets reports the last *batch*'s base offset + 1,
         not the high watermark, so the end offset alone cannot tell; a fetch response's high watermark can."""
-        from kafka import TopicPartition
-
         mark = self._retry(self.checkpoint.marks).get(part)
-        topic, _, num = part.rpartition(":")
-        tp = TopicPartition(topic, int(num))
+        tp = _tp(part)
         reader = K.consumer(self.config.bootstrap)
         try:
             reader.assign([tp])
