@@ -6,7 +6,16 @@ throughput, each recovery time (kill → the first result written by the restart
 duplicated results, and the RSS of each worker 8 s after its (re)start and at the end. A small random model (``random:L=4,H=64``) is used
 by default so the run measures the pipeline, not the transformer; pass --model for a real one.
 
-    python -m bench soak [--samples 100000] [--kill-every 10000]
+    python -m bench soak [--samples 100000] [--kill-every 10000] [--chaos]
+
+``--chaos`` (issue #11): every fault point picks a device SIGKILL, a cloud SIGKILL or a Redis kill -9 and
+restart (AOF), and the middle one restarts the embedded broker empty on its port, recreates the topics
+and replays the tail (every sample without a result yet). A sample applied but whose result sat
+unread in the broker's memory comes back as a duplicate: the device dead-letters it and the report counts
+it as "lost with the broker", apart from lost. Recovery is reported per fault kind, and the final policy
+state is checked for its invariants (t = samples applied once, Σ n_i = t, no pending pull). An equal-state
+comparison with an uninterrupted run is not made: with two partitions, offload feedback and the online α,
+the state depends on the interleaving, not only on the stream.
 """
 
 from __future__ import annotations
@@ -41,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: a small random model)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("artifacts/bench_soak.json"))
+    ap.add_argument("--chaos", action="store_true", help="also Redis kill -9 and one empty broker restart")
+    ap.add_argument("--out", type=Path, default=None, help="JSON report (default artifacts/bench_soak[_chaos].json)")
     args = ap.parse_args(argv)
+    args.out = args.out or Path("artifacts/bench_soak_chaos.json" if args.chaos else "artifacts/bench_soak.json")
 
     from kafka import TopicPartition
 
@@ -70,28 +81,54 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"{stage}.log", "ab"),
                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
+        def open_reader():
+            cons = K.consumer(broker.bootstrap)
+            parts = [TopicPartition(topics.results, p) for p in range(2)]
+            cons.assign(parts)
+            cons.seek_to_beginning(*parts)
+            return cons
+
+        def replay_tail():
+            """Send again every sample of the stream that has no result yet (the broker lost them)."""
+            from producers.replay import iter_samples
+            producer = K.producer(broker.bootstrap)
+            n = 0
+            for sample, _ in iter_samples(scenario, args.samples):
+                if sample["id"] not in seen:
+                    sample["ts"] = time.time()
+                    producer.send(topics.samples, key=sample["id"].encode(), value=messages.encode("sample", sample))
+                    n += 1
+            producer.flush()
+            producer.close()
+            return n
+
         procs = {"device": start("device"), "cloud": start("cloud")}
         born = {stage: time.monotonic() for stage in procs}
         memory = {stage: {"start_mb": None, "end_mb": None} for stage in procs}
-        replay(single("sst2", "train", args.samples, True, args.seed, loop=True), broker.bootstrap, topics,
-               args.samples, progress=False)
-        reader = K.consumer(broker.bootstrap)
-        tps = [TopicPartition(topics.results, p) for p in range(2)]
-        reader.assign(tps)
-        reader.seek_to_beginning(*tps)
+        scenario = single("sst2", "train", args.samples, True, args.seed, loop=True)
+        replay(scenario, broker.bootstrap, topics, args.samples, progress=False)
+        reader = open_reader()
         seen: Counter = Counter()
+        broker_fault_at = (args.samples // args.kill_every // 2) * args.kill_every if args.chaos else None
+        tail_replayed = 0
         kills, recoveries = [], []
         next_kill = args.kill_every
         pending_kill: tuple[str, float, int] | None = None
         started = time.monotonic()
         first_ts = last_ts = None
+        progress_at, count_at = time.monotonic(), 0
         while len(seen) < args.samples and time.monotonic() - started < 4 * 3600:
+            if len(seen) != count_at:
+                progress_at, count_at = time.monotonic(), len(seen)
+            elif time.monotonic() - progress_at > 60:   # the rest will not come (lost with the broker)
+                print(f"\nsoak: no new result for 60 s at {len(seen)}; stopping")
+                break
             for records in reader.poll(timeout_ms=500, max_records=5000).values():
                 for r in records:
                     msg = messages.decode("result", r.value)
                     seen[msg["id"]] += 1
-                    if pending_kill and msg["stage"] == pending_kill[0] and msg["ts"] > pending_kill[3]:
-                        recoveries.append(time.monotonic() - pending_kill[1])
+                    if pending_kill and pending_kill[0] in ("", msg["stage"]) and msg["ts"] > pending_kill[3]:
+                        recoveries.append({"kind": kills[-1]["kind"], "s": time.monotonic() - pending_kill[1]})
                         pending_kill = None
                     first_ts = msg["ts_in"] if first_ts is None else min(first_ts, msg["ts_in"])
                     last_ts = msg["ts"] if last_ts is None else max(last_ts, msg["ts"])
@@ -100,14 +137,30 @@ def main(argv: list[str] | None = None) -> int:
                 if memory[stage]["start_mb"] is None and time.monotonic() - born[stage] > 8:
                     memory[stage]["start_mb"] = _rss_mb(proc.pid)
             if len(seen) >= next_kill and pending_kill is None and len(seen) < args.samples - 1000:
-                stage = rng.choice(sorted(procs))
-                os.killpg(procs[stage].pid, signal.SIGKILL)
-                procs[stage].wait()
-                procs[stage] = start(stage)
-                born[stage] = time.monotonic()
-                memory[stage]["start_mb"] = None  # the new process's memory is measured again
-                kills.append({"stage": stage, "at_results": len(seen)})
-                pending_kill = (stage, time.monotonic(), len(seen), time.time())
+                kinds = ["device", "cloud"] + (["redis"] if args.chaos else [])
+                kind = "broker" if next_kill == broker_fault_at else rng.choice(kinds)
+                t0 = time.monotonic()
+                if kind == "redis":
+                    redis.kill()
+                    time.sleep(1.0)
+                    redis.start()
+                elif kind == "broker":
+                    reader.close()
+                    broker.kill()
+                    time.sleep(1.0)
+                    broker.start()
+                    K.create_topics(broker.bootstrap, topics.all(), partitions=2)
+                    reader = open_reader()
+                    tail_replayed = replay_tail()
+                else:
+                    os.killpg(procs[kind].pid, signal.SIGKILL)
+                    procs[kind].wait()
+                    procs[kind] = start(kind)
+                    born[kind] = time.monotonic()
+                    memory[kind]["start_mb"] = None  # the new process's memory is measured again
+                kills.append({"kind": kind, "at_results": len(seen)})
+                # recovery: the fault → the next result (of the killed stage, for a worker kill)
+                pending_kill = (kind if kind in procs else "", t0, len(seen), time.time())
                 next_kill += args.kill_every
             sys.stdout.write(f"\rsoak: {len(seen)}/{args.samples} results, {len(kills)} kills")
             sys.stdout.flush()
@@ -116,15 +169,35 @@ def main(argv: list[str] | None = None) -> int:
         for records in reader.poll(timeout_ms=2000, max_records=50000).values():
             for r in records:
                 seen[messages.decode("result", r.value)["id"]] += 1
+        lost_with_broker = 0
+        if tail_replayed:   # replayed samples applied before the restart: dead-lettered as duplicates, no result
+            from producers.replay import iter_samples
+            missing = {sample["id"] for sample, _ in iter_samples(scenario, args.samples)} - set(seen)
+            dead = {r.key.decode() for r in K.read_all(broker.bootstrap, topics.dlq)
+                    if r.key and b"duplicate sample id" in r.value}
+            lost_with_broker = len(missing & dead)
         for stage, proc in procs.items():
             memory[stage]["end_mb"] = _rss_mb(proc.pid)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
         reader.close()
+        from policies.control import PolicyControl
+        from stream.checkpoint import Checkpointer
+        client = redis.client()
+        states = {ns: Checkpointer(client, "x").state(ns) for ns in PolicyControl(client).namespaces()}
+    by_kind: dict[str, list[float]] = {}
+    for rec in recoveries:
+        by_kind.setdefault(rec["kind"], []).append(round(rec["s"], 1))
+    invariants = {ns: {"t": st.get("t"), "sum_n": sum(v for k, v in st.items() if k[:1] == "n" and k[1:].isdigit()),
+                       "pending": sum(v for k, v in st.items() if k[:1] == "p" and k[1:].isdigit())}
+                  for ns, st in states.items()}
     result = {
-        "samples": args.samples, "results": len(seen), "lost": args.samples - len(seen),
+        "samples": args.samples, "results": len(seen),
+        "lost": args.samples - len(seen) - lost_with_broker, "lost_with_broker": lost_with_broker,
+        "tail_replayed": tail_replayed,
         "duplicated_results": sum(c - 1 for c in seen.values()), "kills": kills,
-        "recovery_s": recoveries, "max_recovery_s": max(recoveries, default=None),
+        "recovery_s": by_kind, "max_recovery_s": max((r["s"] for r in recoveries), default=None),
+        "state_invariants": invariants,
         "samples_per_s": len(seen) / (last_ts - first_ts) if first_ts and last_ts else None,
         "memory_mb": memory, "model": str(model_dir), "logs": str(work),
     }
