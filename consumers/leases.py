@@ -14,7 +14,8 @@ SET NX PX) once free, renews the leases it holds (every ``ttl / 3``, from a thre
 not lose them), and releases, between batches, those no longer targeted to it. A member that dies stops
 renewing and its leases expire after ``ttl``. The atomic Redis commit checks the lease (see
 :class:`stream.checkpoint.Checkpointer`), so a member that lost its lease while busy can never apply a
-batch twice: its commit is refused and it drops the batch.
+batch twice: its commit is refused and it drops the batch. Heartbeats carry the workers' wall clocks:
+keep them within a fraction of the lease time of each other (NTP); lease expiry itself is Redis's clock.
 """
 
 from __future__ import annotations
