@@ -206,9 +206,7 @@ def offload_sweep(specs: list[str], matrix, *, cost, offloads=(1, 2, 3, 4, 5), d
 
 def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
     """Mean cumulative regret against the best fixed arm (SplitEE Fig. 7)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, r in enumerate(reports):
@@ -224,6 +222,14 @@ def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers and in CI)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def _save(fig, path: str | Path) -> Path:
     """Write a figure as PNG (creating its folder) and free it."""
     import matplotlib.pyplot as plt
@@ -237,9 +243,7 @@ def _save(fig, path: str | Path) -> Path:
 
 def plot_sweep(sweep: dict[str, Any], path: str | Path) -> Path:
     """Accuracy and cost against the offload cost o, one line per policy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = plt.get_cmap("tab20").colors

@@ -147,11 +147,9 @@ def table(result: dict[str, Any], reading: str = "depth") -> str:
 
 def plot(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Figs. 3–6 (accuracy and cost vs o, per dataset) and Fig. 7 (cumulative regret, mean ± 95% band)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from policies.compare import _save, plot_sweep, pyplot
 
-    from policies.compare import _save, plot_sweep
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     paths = [plot_sweep(sweep, out_dir / f"fig3-6_{dataset}.png") for dataset, sweep in result["sweeps"].items()]

@@ -406,11 +406,9 @@ def beside(result: dict) -> str:
 
 def plot(result: dict, path: str | Path) -> Path:
     """Figs. 3-5 per dataset and shape: exit shares, ms per sample (each link), accuracy; p_cross and p_match."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from policies.compare import _save, pyplot
 
-    from policies.compare import _save
+    plt = pyplot()
 
     cols = [(f"{d} · {s}", sw) for d, shapes in result["sweeps"].items() for s, sw in shapes.items()]
     fig, axes = plt.subplots(3, len(cols), figsize=(4.2 * len(cols), 10), squeeze=False)

@@ -270,11 +270,9 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str | Path) -> Path:
     """Accuracy and realised cost against the budget, one column per dataset; the paper's points hollow."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from policies.compare import _save, pyplot
 
-    from policies.compare import _save
+    plt = pyplot()
 
     names = list(result["datasets"])
     fig, axes = plt.subplots(2, max(1, len(names)), figsize=(6 * max(1, len(names)), 8), squeeze=False)
