@@ -84,6 +84,11 @@ def tier_costs(pool: np.ndarray, layer: np.ndarray, cost: CostModel, num_layers:
     return mobile + np.where(pool == 1, edge, 0.0) + np.where(pool == 2, cloud, 0.0)
 
 
+def cloud_cost(cost: CostModel, num_layers: int) -> float:
+    """BERT in the cloud, DIMEE Table I's reference: offload, fee and the cloud's layers."""
+    return float(tier_costs(np.array([2]), np.array([num_layers]), cost, num_layers)[0])
+
+
 def served_layer(conf: np.ndarray, pool: np.ndarray, alpha: float, m: int, n: int) -> np.ndarray:
     """Where a sample routed to ``pool`` exits: the first exit >= α within the tier's layers, else its last layer."""
     num_layers = conf.shape[1]
@@ -288,14 +293,14 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
             fitted[alpha] = (model, routed, np.array([correct[rows, layer - 1].mean(), price.mean()]))
         return fitted[alpha]
 
-    search = []
+    search, rewards = [], {}
     for value in (MU_GRID if mu is None else (float(mu),)):
-        alpha, expected = best_alpha(conf, grid, m, n, cost, value)
+        alpha, rewards[value] = best_alpha(conf, grid, m, n, cost, value)
         _, routed, (acc, price) = fit(alpha)
         search.append({"mu": value, "alpha": alpha, "accuracy": float(acc), "cost": float(price),
                        "routed_shares": (np.bincount(routed, minlength=3) / len(routed)).round(4).tolist()})
     final = float(correct[:, -1].mean())
-    cloud = float(tier_costs(np.array([2]), np.array([num_layers]), cost, num_layers)[0])
+    cloud = cloud_cost(cost, num_layers)
     ok = [r for r in search if r["accuracy"] >= final - tolerance - 1e-12 and r["cost"] < cloud]
     # No routing within the tolerance and cheaper than the cloud: the cloud alone is (it is the final exit).
     # A μ given by the user is their trade-off and is kept as it is.
@@ -303,7 +308,7 @@ def fit_router(matrix, *, cost: CostModel, m: int | None = None, n: int | None =
         {**max(search, key=lambda r: r["accuracy"]), "accuracy": final, "cost": cloud, "route_all": "hard"}
     alpha, mu_used = chosen["alpha"], chosen["mu"]
     model, routed, _ = fit(alpha)
-    _, expected = best_alpha(conf, grid, m, n, cost, mu_used)
+    expected = rewards[mu_used]
     pool, _ = assign_pools(conf, alpha, m, n)
     if "route_all" in chosen:
         routed = np.full(len(pool), 2)

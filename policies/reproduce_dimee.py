@@ -26,8 +26,8 @@ import numpy as np
 
 from stream.errors import ConfigError
 
-from policies.dimee import (POOLS, assign_pools, centroid_route, confusion, exit1_features, probe_route, served_layer,
-                            tier_costs)
+from policies.dimee import (POOLS, assign_pools, centroid_route, cloud_cost, confusion, exit1_features, probe_route,
+                            served_layer, tier_costs)
 
 TASKS = ("sst2", "mrpc", "qqp", "rte")
 SPECS = (
@@ -46,11 +46,6 @@ SPECS = (
 SWEEPS = {"device_layer": (1.0, 1.5, 2.0, 2.5, 3.0), "edge_layer": (0.5, 1.0, 1.5, 2.0),
           "offload_cloud": (2.0, 3.0, 4.0, 5.0, 6.0), "cloud_fee": (3.0, 6.0, 12.0, 18.0, 24.0)}
 PER_LAYER = ("device_layer", "edge_layer")     # per-layer prices are not scaled with depth; the rest are
-
-
-def cloud_cost(cost, num_layers: int) -> float:
-    """Table I's reference: BERT in the cloud (offload + fee + the cloud's layers)."""
-    return float(tier_costs(np.array([2]), np.array([num_layers]), cost, num_layers)[0])
 
 
 def oracle(matrix, cost, m: int, n: int) -> dict[str, float]:
@@ -210,11 +205,9 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Table I as a scatter (Δcost vs Δacc, ours and the paper's) and Fig. 3 (one panel per varied cost)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from policies.compare import _save, pyplot
 
-    from policies.compare import _save
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     datasets = list(dict.fromkeys(r["dataset"] for r in result["rows"]))
