@@ -322,6 +322,7 @@ class StageWorker:
             part = part_key(r)
             if r.offset > getattr(last.get(part), "offset", -1):
                 last[part] = r
+        for part, r in last.items():
             self._high[part] = max(self._high.get(part, -1), r.offset)
         for part in sorted({part_key(r) for r in records if r.offset <= self.fence.get(part_key(r), -1)}):
             self._check_log(part)           # about to skip records as applied: is this the log we fenced?
