@@ -2,9 +2,10 @@
 
 It consumes ``samples`` and ``feedback``. Samples are decided in batches through the shared decision
 loop (:func:`policies.engine.run_device`) with the real model as the layer runner; an offloaded sample
-carries its float16 hidden state at the split layer (trimmed to its real length), or its raw text when
-nothing ran here. Feedback records complete the delayed rewards of earlier offloads: they are learned by
-the policy that made the decision (rebuilt from the spec carried in the record), even after a swap.
+carries its hidden state at the split layer (trimmed to its real length; int8 per token by default,
+float16 with ``hidden_encoding="f16"``, see :mod:`stream.messages`), or its raw text when nothing ran
+here. Feedback records complete the delayed rewards of earlier offloads: they are learned by the policy
+that made the decision (rebuilt from the spec carried in the record), even after a swap.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ class DeviceWorker(StageWorker):
     stage = "device"
 
     def __init__(self, config: WorkerConfig, model, default_policy: ActiveSpec, max_len: int = 128,
-                 metrics=None, reference: np.ndarray | None = None) -> None:
+                 metrics=None, reference: np.ndarray | None = None,
+                 hidden_encoding: str = messages.DEFAULT_HIDDEN_ENCODING) -> None:
         super().__init__(config, metrics)
+        if hidden_encoding not in messages.HIDDEN_ENCODINGS:
+            raise ConfigError(f"device worker: hidden encoding must be one of {sorted(messages.HIDDEN_ENCODINGS)}, "
+                              f"got {hidden_encoding!r}")
+        self.hidden_encoding = hidden_encoding
         self.model = model
         self.reference = reference  # per-class centroids of in-domain input embeddings, for the drift signal
         if reference is not None and reference.shape[-1] != model.hidden_size:
@@ -139,7 +145,6 @@ class DeviceWorker(StageWorker):
         return commits
 
     def _offload(self, msg: dict, outcome, hidden, elapsed_ms: float, distance: float | None) -> bytes:
-        import torch
         action, obs = outcome.action, outcome.observation
         payload = {"id": msg["id"], "source": msg.get("source", ""), "seq": msg.get("seq"),
                    "resume_layer": obs.layer,
@@ -159,7 +164,7 @@ class DeviceWorker(StageWorker):
             if msg.get("text_pair") is not None:
                 payload["text_pair"] = msg["text_pair"]
         else:
-            payload["hidden"] = messages.pack_tensor(hidden.to(torch.float16).numpy())
+            payload.update(messages.encode_hidden(hidden.numpy(), self.hidden_encoding))
         topic = self.topics.offload_edge if action.tier == "edge" else self.topics.offload_cloud
         return envelope(topic, msg["id"], messages.encode("offload", payload))
 
@@ -180,6 +185,10 @@ class DeviceWorker(StageWorker):
             try:
                 trace = Trace(**{k: msg["trace"][k] for k in Trace.__dataclass_fields__ if k in msg["trace"]})
                 fb = Feedback(msg["exit_layer"], np.asarray(msg["probs"], dtype=np.float32))
+                if fb.probs.shape != (self.model.num_classes,) or not 1 <= fb.exit_layer <= self.model.num_layers:
+                    raise ValueError(f"feedback {msg['id']!r} needs {self.model.num_classes} probabilities and an "
+                                     f"exit layer in 1..{self.model.num_layers}, got {fb.probs.shape[0] if fb.probs.ndim else 0} "
+                                     f"and {fb.exit_layer!r}")
                 delta = policy.learn(feedback_event(msg["id"], msg["context"], trace, fb), views[ns])
             except (KeyError, TypeError, ValueError, ConfigError) as exc:
                 commits.append(self._reject(record, f"feedback does not fit policy {spec.get('name')!r}: "

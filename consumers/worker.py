@@ -64,7 +64,9 @@ class WorkerConfig:
 
 
 #: Where ``EXITFLOW_CRASH_AT=POINT[:N]`` (tests only) kills the worker with SIGKILL, at the N-th batch.
-CRASH_POINTS = ("after_redis_commit", "after_produce", "after_outbox_clear")
+#: ``lost_reply`` is no kill: the N-th Redis commit applies, then its reply is dropped (a ConnectionError),
+#: the case where the worker cannot know whether its commit went through.
+CRASH_POINTS = ("after_redis_commit", "after_produce", "after_outbox_clear", "lost_reply")
 
 
 def crash_plan(value: str | None) -> tuple[str, int] | None:
@@ -342,6 +344,8 @@ class StageWorker:
         if self.metrics:
             self.metrics.state_write(time.perf_counter() - started)
         if dups is None:  # an earlier attempt went through before Redis dropped the connection
+            log.warning("%s worker: an earlier commit attempt of this batch had applied (its reply was lost); "
+                        "publishing the stored outbox", self.stage)
             outputs = [b for part in sorted(offsets) for b in self.checkpoint.outbox(part)]
             dups = set()
         else:
@@ -366,6 +370,11 @@ class StageWorker:
         """Die here, as a SIGKILL would, when ``EXITFLOW_CRASH_AT`` names this point (fault tests only)."""
         if self._crash and self._crash[0] == point:
             self._crash_seen += 1
+            if self._crash_seen == self._crash[1] and point == "lost_reply":
+                import redis
+                log.warning("%s worker: EXITFLOW_CRASH_AT=lost_reply:%d, dropping the commit's reply", self.stage,
+                            self._crash[1])
+                raise redis.ConnectionError("EXITFLOW_CRASH_AT=lost_reply: the reply of an applied commit was lost")
             if self._crash_seen == self._crash[1]:
                 log.warning("%s worker: EXITFLOW_CRASH_AT=%s:%d, killing myself", self.stage, *self._crash)
                 logging.shutdown()
@@ -393,7 +402,9 @@ class StageWorker:
                 if all(applied.get(p, -1) >= off for p, off in offsets.items()):
                     return None
             attempts.append(1)
-            return self.checkpoint.commit(commits, offsets, marks, member=self._leases.member)
+            dups = self.checkpoint.commit(commits, offsets, marks, member=self._leases.member)
+            self._crash_point("lost_reply")
+            return dups
 
         return self._retry(attempt)
 

@@ -347,10 +347,11 @@ def test_broker_restarting_empty_loses_no_new_record(redis_server, topic_prefix,
         own.stop()
 
 
-@pytest.mark.parametrize("point", ["after_redis_commit", "after_produce", "after_outbox_clear"])
+@pytest.mark.parametrize("point", ["after_redis_commit", "after_produce", "after_outbox_clear", "lost_reply"])
 def test_crash_at_a_named_point_resumes_exactly(broker, redis_server, topic_prefix, model_dir, tmp_path, point):
     """Promise 9 (bytewax-style crash points): SIGKILL at a named point of the 4th batch, restart: lost 0,
-    duplicates 0, and the policy state equals an uninterrupted run of the same stream."""
+    duplicates 0, and the policy state equals an uninterrupted run of the same stream. ``lost_reply``: the
+    4th commit applies but its reply is dropped; the worker must see it applied and publish the outbox."""
     from stream.infra import RedisServer
     policy = ["--policy", "splitee", "--set", "alpha=0.0", "--set", "alpha_rule=fixed", "--set", "probe=0"]
     n = 80
@@ -359,11 +360,18 @@ def test_crash_at_a_named_point_resumes_exactly(broker, redis_server, topic_pref
         s = Stack(broker, redis, prefix, model_dir, partitions=1)
         proc = s.worker("device", *policy, env={"EXITFLOW_CRASH_AT": f"{point}:4"} if crash else None)
         s.replay(n)
-        if crash:
+        if crash and point != "lost_reply":
             assert proc.wait(120) == -signal.SIGKILL
             assert f"EXITFLOW_CRASH_AT={point}:4" in proc.log.read_text()
             s.worker("device", *policy)
         results = s.wait(n)
+        if crash:
+            logs = [p.log.read_text() for p in s.procs]
+            if point == "after_redis_commit":   # the new owner publishes what the dead one had committed
+                assert "left 8 outputs in the outbox" in logs[-1], logs[-1]
+            if point == "lost_reply":           # the same process goes on, through the lost-reply branch
+                assert proc.poll() is None and len(logs) == 1
+                assert "its reply was lost" in logs[0], logs[0]
         (state,) = s.state().values()
         s.close()
         return state, _exactly_once(results, n)
