@@ -13,8 +13,13 @@ from stream.costs import CostModel, Trace
 def result_record(msg: dict[str, Any], trace: Trace, cost: CostModel, probs: np.ndarray, exit_layer: int,
                   policy: dict[str, Any], *, decision: dict[str, Any] | Any, stage: str,
                   latency_device_ms: float = 0.0, latency_remote_ms: float = 0.0, bytes_offloaded: int = 0,
-                  embedding_distance: float | None = None) -> dict[str, Any]:
-    """Prediction, confidence, tier, exit layer, layers per tier, cost breakdown, bytes, policy, latencies."""
+                  embedding_distance: float | None = None, ts_device: float | None = None,
+                  ts_remote: float | None = None) -> dict[str, Any]:
+    """Prediction, confidence, tier, exit layer, layers per tier, cost breakdown, bytes, policy, latencies.
+
+    ``ts_device`` / ``ts_remote``: when the device's and the remote stage's batch of the sample began
+    (wall clock); with ``ts_in`` and ``ts`` they split the latency into queueing, compute and hops.
+    """
     now = time.time()
     if not isinstance(decision, dict):  # an Observation from the device loop
         layer = decision.layer
@@ -39,5 +44,7 @@ def result_record(msg: dict[str, Any], trace: Trace, cost: CostModel, probs: np.
         "embedding_distance": embedding_distance,
         "ts": now,
         "ts_in": float(msg["ts"]),
+        "ts_device": ts_device,
+        "ts_remote": ts_remote,
         "stage": stage,
     }

@@ -1,0 +1,174 @@
+"""A live pipeline for benchmarks: embedded broker + Redis, a device and a cloud worker process, results
+read as they arrive (with their arrival time), and the latency of each result split by stage.
+
+Used by ``bench latency`` and ``bench speedup``; not a bench itself (no ``main``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stream.config import Topics
+
+#: The stages a result's end-to-end latency is split into (ms), see :func:`breakdown`.
+STAGES = ("queue", "device", "hop", "remote", "publish")
+
+
+def breakdown(result: dict, arrived: float) -> dict[str, float]:
+    """One result's latency (ms) by stage, from the timestamps the workers write.
+
+    queue: replay produce → the device's batch began; device: that batch's compute; hop: device batch
+    done → the remote batch began (Redis commit, produce, fetch, the cloud's own queue); remote: the
+    remote batch's compute; publish: the last batch done → the result seen on ``results`` (Redis commit,
+    produce with acks, the reader's fetch). ``total`` = arrival − produce.
+    """
+    ts_in, ts_dev = result["ts_in"], result.get("ts_device")
+    lat = result["latency_ms"]
+    out = {"total": (arrived - ts_in) * 1000.0}
+    if ts_dev is None:
+        return out
+    out["queue"] = (ts_dev - ts_in) * 1000.0
+    out["device"] = lat["device"] if result["layers"]["device"] or result["tier"] == "device" else 0.0
+    done = ts_dev + lat["device"] / 1000.0
+    if result["tier"] != "device" and result.get("ts_remote") is not None:
+        out["hop"] = (result["ts_remote"] - done) * 1000.0
+        out["remote"] = lat["remote"]
+        done = result["ts_remote"] + lat["remote"] / 1000.0
+    else:
+        out["hop"] = out["remote"] = 0.0
+    out["publish"] = (arrived - done) * 1000.0
+    return out
+
+
+def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
+    arr = np.asarray(list(values), dtype=float)
+    if not arr.size:
+        return {f"p{q}": float("nan") for q in qs}
+    return {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+
+
+@dataclass
+class Collector:
+    """Reads ``results`` from its end in a thread; keeps each result with its arrival time."""
+
+    bootstrap: str
+    topic: str
+    results: list[tuple[dict, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+
+    def _run(self) -> None:
+        from kafka import TopicPartition
+
+        from stream import kafka as K
+        from stream import messages
+        cons = K.consumer(self.bootstrap, fetch_max_wait_ms=5)
+        tps = [TopicPartition(self.topic, p) for p in sorted(cons.partitions_for_topic(self.topic) or ())]
+        cons.assign(tps)
+        cons.seek_to_end(*tps)
+        for tp in tps:
+            cons.position(tp)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                for records in cons.poll(timeout_ms=100, max_records=2000).values():
+                    now = time.time()
+                    self.results.extend((messages.decode("result", r.value), now) for r in records)
+        finally:
+            cons.close()
+
+    def wait(self, n: int, timeout: float) -> list[tuple[dict, float]]:
+        deadline = time.monotonic() + timeout
+        while len({r["id"] for r, _ in self.results}) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return list(self.results)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class LivePipeline:
+    """Broker, Redis, one device and one cloud worker (one torch thread each), a policy made active."""
+
+    def __init__(self, model_dir: Path, spec, *, batch_size: int = 32, max_len: int = 128, partitions: int = 1,
+                 logs: Path = Path("artifacts/bench_live_logs"), worker_args: tuple[str, ...] = ()) -> None:
+        self.model_dir, self.spec, self.batch_size, self.max_len = model_dir, spec, batch_size, max_len
+        self.partitions, self.logs, self.worker_args = partitions, logs, list(worker_args)
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "LivePipeline":
+        import redis as redis_lib
+
+        from policies.control import PolicyControl
+        from stream import kafka as K
+        from stream.infra import Broker, RedisServer
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.broker, self.redis = Broker().start(), RedisServer().start()
+        self.topics = Topics(f"live{int(time.time() * 1000) % 10**8}.")
+        K.create_topics(self.broker.bootstrap, self.topics.all(), partitions=self.partitions)
+        info = json.loads((self.model_dir / "exitflow_model.json").read_text())
+        layers = info["num_layers"]
+        PolicyControl(redis_lib.Redis.from_url(self.redis.url)).use(self.spec.name, self.spec.params,
+                                                                   cost=self.spec.cost, num_layers=layers,
+                                                                   num_classes=info["num_classes"])
+        cmd = [sys.executable, "-m", "stream.cli", "worker"]
+        common = ["--model", str(self.model_dir), "--bootstrap", self.broker.bootstrap, "--redis-url",
+                  self.redis.url, "--prefix", self.topics.prefix, "--batch-size", str(self.batch_size),
+                  "--max-len", str(self.max_len), "--threads", "1", "--policy", self.spec.name, *self.worker_args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        for stage in ("device", "cloud"):
+            self.procs.append(subprocess.Popen(cmd + [stage] + common, env=env, stdout=subprocess.DEVNULL,
+                                               stderr=open(self.logs / f"{stage}.log", "wb")))
+        self.collector = Collector(self.broker.bootstrap, self.topics.results)
+        return self
+
+    def send(self, scenario, limit: int | None = None) -> int:
+        from producers.replay import replay
+        return replay(scenario, self.broker.bootstrap, self.topics, limit, progress=False)
+
+    def run(self, scenario, n: int, timeout: float = 1800.0) -> list[tuple[dict, float]]:
+        """Replay ``scenario`` (n samples) and wait for all of their results; returns only theirs."""
+        before = len(self.collector.results)
+        seen_before = {r["id"] for r, _ in self.collector.results}
+        self.send(scenario, n)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc, stage in zip(self.procs, ("device", "cloud")):
+                if proc.poll() is not None:
+                    tail = (self.logs / f"{stage}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    raise RuntimeError(f"the {stage} worker exited with code {proc.returncode}: " + " | ".join(tail))
+            fresh = self.collector.results[before:]
+            if len({r["id"] for r, _ in fresh if r["id"] not in seen_before}) >= n:
+                break
+            time.sleep(0.2)
+        else:
+            raise TimeoutError(f"only {len(self.collector.results) - before} of {n} results after {timeout:.0f}s "
+                               f"(worker logs in {self.logs})")
+        return self.collector.results[before:]
+
+    def __exit__(self, *exc) -> None:
+        self.collector.close()
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.redis.stop()
+        self.broker.stop()

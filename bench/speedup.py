@@ -1,0 +1,127 @@
+"""What early exit buys in speed: live ``splitee`` vs live ``final-exit`` vs the raw model, on one stream.
+
+Three runs on the same IMDb reviews (shuffled, seed 0), each live run in a fresh pipeline (embedded
+broker + Redis, a device and a cloud worker, one torch thread each, warmed up first):
+
+1. live ``final-exit``: every sample runs all L layers on the device;
+2. live ``splitee`` with the SplitEE issue's defaults (α learned online from the SST-2-dev start, the
+   preset's depth-scaled offload cost o = 5λ·L/12);
+3. the raw model, in process with two torch threads, running exactly the layers live ``splitee`` ran
+   for each sample (device layers, then the rest from the float16 hidden state for an offload),
+   batched by depth: the most the same layer mix allows, with no Kafka, Redis or serialisation.
+
+samples/s = N / (last result read − first sample sent). ``splitee_vs_final_exit`` = (2) / (1);
+``pipeline_vs_raw`` = (2) / (3); ``layer_fraction`` = mean layers run / L, whose inverse bounds
+the speed-up early exit can give.
+
+    python -m bench speedup [--samples 1000] [--json artifacts/bench_speedup.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench.live import LivePipeline
+from stream.config import default_model_dir, home
+
+
+def live_run(model_dir: Path, spec, texts_scenario, n: int, batch_size: int, max_len: int, logs: Path):
+    from producers.replay import single
+    with LivePipeline(model_dir, spec, batch_size=batch_size, max_len=max_len, logs=logs) as live:
+        live.run(single("sst2", "dev", 64, True, 1), 64, timeout=300)
+        started = time.time()
+        got = live.run(texts_scenario, n)
+    fresh = {r["id"]: (r, a) for r, a in got}
+    last = max(a for _, a in fresh.values())
+    return n / (last - started), [r for r, _ in fresh.values()]
+
+
+def raw_run(model, texts: list[str], depths: list[tuple[int, int]], batch_size: int, max_len: int) -> float:
+    """Samples/s of the model alone running ``depths[i]`` = (device layers, total layers) for sample i."""
+    import torch
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, d in enumerate(depths):
+        groups[d].append(i)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for (device, total), idx in sorted(groups.items()):
+            for lo in range(0, len(idx), batch_size):
+                batch = model.tokenize([texts[i] for i in idx[lo:lo + batch_size]], max_len=max_len)
+                model.embed(batch)                                   # the device computes it for every sample
+                hidden, mask = model.start(batch)
+                if device:
+                    hidden, _ = model.run(hidden, mask, 0, device, "last")
+                if total > device:
+                    model.run(hidden.half().float(), mask, device, total, "last")
+    return len(texts) / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench speedup", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--dataset", default="imdb")
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--set", action="append", default=[], help="splitee setting KEY=VALUE (default: the make-run "
+                    "splitee, α calibrated on SST-2 dev, then learned online)")
+    ap.add_argument("--json", type=Path, default=Path("artifacts/bench_speedup.json"), dest="out")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from policies.control import ActiveSpec
+    from policies.registry import parse_sets
+    from producers.replay import iter_samples, single
+    from stream.model import MultiExitModel
+
+    model_dir = args.model or default_model_dir()
+    if not (model_dir / "exitflow_model.json").is_file():
+        print(f"bench speedup: no model at {model_dir}; run `exitflow model prepare` first", file=sys.stderr)
+        return 1
+    params = parse_sets(args.set)
+    calibration = home() / "calibration" / "splitee.json"
+    if not params and calibration.is_file():
+        params = {"calibration": str(calibration)}
+    stream = single(args.dataset, None, args.samples, True, 0)
+    texts = {s["id"]: s["text"] for s, _ in iter_samples(stream)}
+    logs = Path("artifacts/bench_speedup_logs")
+
+    final_sps, _ = live_run(model_dir, ActiveSpec("final-exit", {}, "splitee"), stream, args.samples,
+                            args.batch_size, args.max_len, logs / "final-exit")
+    print(f"live final-exit: {final_sps:.1f} samples/s", flush=True)
+    split_sps, results = live_run(model_dir, ActiveSpec("splitee", params, "splitee"), stream, args.samples,
+                                  args.batch_size, args.max_len, logs / "splitee")
+    print(f"live splitee: {split_sps:.1f} samples/s", flush=True)
+
+    model = MultiExitModel.load(model_dir)
+    L = model.num_layers
+    ids = [r["id"] for r in results]
+    depths = [(r["layers"]["device"], r["layers"]["device"] + r["layers"]["edge"] + r["layers"]["cloud"])
+              for r in results]
+    torch.set_num_threads(2)
+    raw_run(model, [texts[i] for i in ids[:64]], depths[:64], args.batch_size, args.max_len)   # warm-up
+    raw_sps = raw_run(model, [texts[i] for i in ids], depths, args.batch_size, args.max_len)
+    raw_full = raw_run(model, [texts[i] for i in ids], [(L, L)] * len(ids), args.batch_size, args.max_len)
+    fraction = sum(t for _, t in depths) / (len(depths) * L)
+    offload = sum(r["tier"] != "device" for r in results) / len(results)
+    result = {"dataset": args.dataset, "samples": args.samples, "batch_size": args.batch_size,
+              "max_len": args.max_len, "splitee_params": params,
+              "final_exit_samples_per_s": final_sps, "splitee_samples_per_s": split_sps,
+              "raw_same_mix_samples_per_s": raw_sps, "raw_full_samples_per_s": raw_full,
+              "splitee_vs_final_exit": split_sps / final_sps, "pipeline_vs_raw": split_sps / raw_sps,
+              "final_exit_vs_raw_full": final_sps / raw_full,
+              "layer_fraction": fraction, "offload_rate": offload,
+              "cost_ratio": sum(r["cost"]["total"] for r in results) / (len(results) * L)}
+    print(f"raw model, same layer mix: {raw_sps:.1f} samples/s; raw full pass: {raw_full:.1f} samples/s\n"
+          f"splitee / final-exit = {result['splitee_vs_final_exit']:.2f}x (layers run {fraction:.2f} of L, "
+          f"offload {offload:.2f}); pipeline / raw (same mix) = {result['pipeline_vs_raw']:.2f}; "
+          f"final-exit pipeline / raw full = {result['final_exit_vs_raw_full']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
