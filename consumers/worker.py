@@ -301,6 +301,8 @@ class StageWorker:
                 self._set_down(False)
                 self._recheck = True
             return True
+        if self.metrics:
+            self.metrics.broker_error()             # one failed probe of the broker's port
         if self._down_since is None:
             log.error("%s worker: Kafka at %s is unreachable; retrying for up to %.0fs", self.stage,
                       self.config.bootstrap, self.config.broker_timeout_s)
@@ -442,6 +444,8 @@ class StageWorker:
         try:
             self._producer.flush(timeout=self.config.broker_timeout_s)
         except Exception as exc:  # KafkaTimeoutError and friends: the outbox stays in Redis for a restart
+            if self.metrics:
+                self.metrics.broker_error()
             raise OutageError(f"could not publish to Kafka at {self.config.bootstrap} within "
                               f"{self.config.broker_timeout_s:.0f}s: {exc}") from None
         failed = [(blob, fut) for blob, fut in zip(blobs, futures) if fut.failed()]
