@@ -21,7 +21,11 @@ def register(subparsers) -> None:
         "eval", help="run policies over a confidence matrix offline and compare them",
         description="Stream a confidence matrix through one or more policies with the live decision loop "
         "(in-memory state, reshuffled runs) and report accuracy, cost, offloads, exits and regret.")
-    ev.add_argument("--matrix", required=True, help="confidence matrix .npz (exitflow export-matrix)")
+    ev.add_argument("--matrix", required=True, action="append",
+                    help="confidence matrix .npz (exitflow export-matrix); repeat with --in-order for segments")
+    ev.add_argument("--in-order", action="store_true",
+                    help="keep the --matrix files in order as segments of one stream (each reshuffled within "
+                    "itself per run) and report dynamic regret, per-segment arms and the regret after each boundary")
     ev.add_argument("--calibration", metavar="C.npz",
                     help="labelled validation matrix for the policies that need one (splitee α, dimee, eenet)")
     ev.add_argument("--policy", default="all",
@@ -70,6 +74,16 @@ def register(subparsers) -> None:
     show.add_argument("name", nargs="?", help="show the state of every namespace of this policy")
     _redis(show)
     show.set_defaults(func=cmd_show)
+    drift = sub.add_parser("drift", help="the device workers' drift hook: detector, reset or decay, off switch",
+                           description="Settings of the drift hook every device worker runs on the distance of "
+                           "each input embedding to its nearest in-domain class centroid (needs --reference): "
+                           "kind=adwin|page_hinkley, delta, threshold (page_hinkley), warmup, cooldown, "
+                           "mode=reset|decay, factor (decay). Without options: show them.")
+    drift.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    drift.add_argument("--off", action="store_true", help="turn the hook off (detections start no epoch)")
+    drift.add_argument("--default", action="store_true", help="forget the settings: the workers' defaults apply")
+    _redis(drift)
+    drift.set_defaults(func=cmd_drift)
     use = sub.add_parser("use", help="make a policy active for every worker (hot swap at a batch boundary)")
     use.add_argument("name")
     use.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -169,16 +183,29 @@ def cmd_eval(args) -> int:
     from policies.compare import compare, expand_specs, offload_sweep, plot_regret, plot_sweep, table, thin_curve
     from policies.registry import parse_sets
 
-    matrix = _load_matrix(args.matrix, args.limit)
+    from policies.compare import segments_table
+    from policies.evaluate import check_segments, concat_segments
+
+    segments = None
+    if len(args.matrix) > 1 and not args.in_order:
+        raise ConfigError("eval: several --matrix need --in-order (segments of one stream, kept in order)")
+    if args.in_order:   # --limit applies to each segment; segments (and sample ids) are named by file stem
+        loaded = [(path, _load_matrix(path, args.limit)) for path in args.matrix]
+        check_segments(loaded)  # first, so that an error names the files
+        matrix, segments = concat_segments([(Path(path).stem, m) for path, m in loaded])
+    else:
+        matrix = _load_matrix(args.matrix[0], args.limit)
     calibration = _load_matrix(args.calibration) if args.calibration else None
     cost = _cost(args, matrix.num_layers)
     shared = parse_sets(args.set)
     specs = expand_specs(args.policy)
     log = (lambda msg: print(f"exitflow eval: {msg}", file=sys.stderr)) if len(specs) > 1 else None
     kw = dict(shared=shared, calibration=calibration, runs=args.runs, seed=args.seed,
-              batch_size=args.batch_size, feedback_delay=args.feedback_delay, log=log)
+              batch_size=args.batch_size, feedback_delay=args.feedback_delay, log=log, segments=segments)
     reports = compare(specs, matrix, cost=cost, **kw)
     print(table(reports))
+    if segments is not None:
+        print(segments_table(reports))
     sweep = None
     if args.plot:
         kept = [r["spec"] for r in reports]
@@ -186,7 +213,8 @@ def cmd_eval(args) -> int:
         sweep = offload_sweep(kept, matrix, cost=cost, **{**kw, "log": None})
         print(f"accuracy and cost vs offload cost: {plot_sweep(sweep, Path(args.plot) / 'offload_sweep.png')}")
     if args.json:
-        out = {"matrix": str(args.matrix), "calibration": args.calibration, "cost_model": cost.name,
+        out = {"matrix": str(args.matrix[0]) if segments is None else [str(m) for m in args.matrix],
+               "in_order": segments is not None, "calibration": args.calibration, "cost_model": cost.name,
                "cost": {k: v for k, v in vars(cost).items()}, "runs": args.runs, "seed": args.seed,
                "batch_size": args.batch_size, "feedback_delay": args.feedback_delay,
                "reports": [{**{k: v for k, v in r.items() if k != "regret_curve"},
@@ -243,6 +271,9 @@ def _policy_for(control, namespace: str):
 
 
 def cmd_show(args) -> int:
+    import time
+
+    from policies.base import epoch_namespace, split_namespace
     from policies.control import PolicyControl
     from policies.state import RedisStore
 
@@ -255,6 +286,8 @@ def cmd_show(args) -> int:
     else:
         print(f"active policy: {spec.name} v{spec.version}  settings {json.dumps(spec.params, sort_keys=True)}  "
               f"cost {spec.cost}{' ' + json.dumps(spec.cost_overrides) if spec.cost_overrides else ''}")
+    hook = control.drift_hook()
+    print(f"drift hook: {_hook_line(hook)}")
     namespaces = control.namespaces()
     wanted = args.name or (spec.name if spec else None)
     shown = [ns for ns in namespaces if wanted is None or ns.split(":", 1)[0] == wanted]
@@ -262,14 +295,49 @@ def cmd_show(args) -> int:
     known = {k.decode() if isinstance(k, bytes) else k for k in known}
     if wanted and not shown:
         print(f"no learned state for {wanted!r} yet")
-    for ns in shown:
+    for base in sorted({split_namespace(ns)[0] for ns in shown}):
+        epoch = control.epoch(base)
+        ns = epoch_namespace(base, epoch)
         state = store.snapshot(ns)
-        policy = _policy_for(control, ns) if ns in known else None
+        policy = _policy_for(control, base) if base in known else None
         summary = policy.describe(state) if policy is not None else {
             k: (v.round(6).tolist() if hasattr(v, "round") else round(v, 6)) for k, v in sorted(state.items())}
-        info = control.namespace_info(ns) if ns in known else None
+        info = control.namespace_info(base) if base in known else None
         print(f"\n{ns}" + (f"  settings {json.dumps(info['params'], sort_keys=True)}" if info else ""))
+        for e in control.epoch_events(base):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])) if e.get("time") else "?"
+            action = f"decay x{e.get('factor')}" if e.get("mode") == "decay" else e.get("mode", "reset")
+            print(f"epoch {e.get('epoch')}: {action} at sample {e.get('at')} (seq {e.get('seq')}, source "
+                  f"{e.get('source')}) by {e.get('reason')}, {when}")
+        if epoch:
+            print(f"earlier epochs stay readable: {', '.join(epoch_namespace(base, k) for k in range(epoch))}")
         print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _hook_line(settings) -> str:
+    from monitoring.drift import HookSettings
+    if settings is None:
+        return f"workers' default ({HookSettings().describe()}; needs --reference)"
+    return HookSettings.from_dict(settings).describe()
+
+
+def cmd_drift(args) -> int:
+    from monitoring.drift import HookSettings
+    from policies.control import PolicyControl
+    from policies.registry import parse_sets
+
+    control = PolicyControl(_connect(args.redis_url), prefix=args.prefix)
+    if args.default:
+        control.set_drift_hook(None)
+    elif args.off or args.set:
+        raw = {**(control.drift_hook() or {}), **parse_sets(args.set)}
+        if args.off:
+            raw["enabled"] = False
+        elif args.set and "enabled" not in parse_sets(args.set):
+            raw["enabled"] = True
+        control.set_drift_hook(HookSettings.from_dict(raw).as_dict())  # validated before it is written
+    print(f"drift hook: {_hook_line(control.drift_hook())} (device workers apply it at their next batch)")
     return 0
 
 

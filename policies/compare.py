@@ -21,7 +21,7 @@ import numpy as np
 from stream.errors import ConfigError
 
 from policies.base import Policy
-from policies.evaluate import evaluate
+from policies.evaluate import evaluate, evaluate_ordered
 
 #: ``--policy all``: every registered policy, plus SplitEE-S with the paper's side information.
 EXTRA_SPECS = ("splitee-s[side_info=oracle]",)
@@ -119,10 +119,12 @@ def label(spec: str) -> str:
 
 def compare(specs: list[str], matrix, *, cost, shared: dict[str, str] | None = None, calibration=None,
             runs: int = 1, seed: int = 0, batch_size: int = 32, feedback_delay: int = 0,
-            log=None) -> list[dict[str, Any]]:
+            log=None, segments: list[tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
     """Evaluate several policy specs on ``matrix``; specs that cannot be built in an ``all`` run are skipped.
 
     ``calibration``: the labelled validation matrix, or a :class:`Calibrator` to share its calibrations.
+    ``segments``: ``(name, start, end)`` of matrices kept in order (:func:`policies.evaluate.concat_segments`):
+    each run reshuffles within segments only, and regret is dynamic (:func:`policies.evaluate.evaluate_ordered`).
     """
     shared = dict(shared or {})
     strict = len(specs) == 1
@@ -149,8 +151,9 @@ def compare(specs: list[str], matrix, *, cost, shared: dict[str, str] | None = N
             if log:
                 log(f"skipping {spec}: {exc}")
             continue
-        report = evaluate(policy, matrix, runs=runs, seed=seed, batch_size=batch_size,
-                          feedback_delay=feedback_delay, reference=reference)
+        kw = dict(runs=runs, seed=seed, batch_size=batch_size, feedback_delay=feedback_delay, reference=reference)
+        report = (evaluate(policy, matrix, **kw) if segments is None
+                  else evaluate_ordered(policy, matrix, segments, **kw))
         report["spec"] = label(spec)
         reports.append(report)
         if log:
@@ -168,6 +171,8 @@ def table(reports: list[dict[str, Any]]) -> str:
         drop = "   n/a" if r["accuracy"] is None else f"{-100 * r['accuracy_drop']:+6.1f}"
         tiers = "/".join(f"{100 * r['tiers'][t] / r['samples']:.0f}" for t in ("device", "edge", "cloud"))
         arm = f"{r['most_played_arm'] or '-'}/{r['best_fixed_arm']}"
+        if "segments" in r:   # ordered: per segment, in order
+            arm = "/".join("→".join(str(s[k] or "-") for s in r["segments"]) for k in ("most_played_arm", "best_fixed_arm"))
         rpt = r["regret"] / r["samples"]
         lines.append(f"{r.get('spec', r['policy']):<30} {acc} {drop} {r['cost']:7.2f} "
                      f"{100 * (r['cost_ratio'] - 1):+6.1f}% {r['offload_rate']:7.2f} {tiers:>17} {arm:>7} "
@@ -179,6 +184,23 @@ def table(reports: list[dict[str, Any]]) -> str:
                      f"{r['final_exit_cost']:.2f} λ per sample ({r['cost_model']} cost model, o = "
                      f"{r['offload_cost']:g}λ, o/(λL) = {r['offload_ratio']:.3f}, μ = {r['mu']:g}); Δ against it. arm = most played / best fixed (hindsight); "
                      f"regret/T after {r['samples']} samples, mean of {r['runs']} runs")
+        if "segments" in r:
+            lines.append("in order: " + " → ".join(f"{s['name']} ({s['samples']})" for s in r["segments"])
+                         + "; regret is dynamic (vs the best fixed arm of each segment)")
+    return "\n".join(lines)
+
+
+def segments_table(reports: list[dict[str, Any]]) -> str:
+    """Ordered evaluations, per policy and segment: best fixed and most played arm, regret, regret after the
+    boundary (its first 500 samples, mean ± std over the runs)."""
+    head = f"{'policy':<30} {'segment':<16} {'best':>4} {'most':>4} {'regret':>8} {'first 500':>16} {'acc %':>6} {'cost/λ':>7}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        for s in r.get("segments", []):
+            acc = "   n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:6.1f}"
+            first = f"{s['regret_first_500']:.2f} ± {s['regret_first_500_std']:.2f}"
+            lines.append(f"{r.get('spec', r['policy']):<30} {s['name'][:16]:<16} {s['best_fixed_arm']:>4} "
+                         f"{s['most_played_arm'] or '-':>4} {s['regret']:8.2f} {first:>16} {acc} {s['cost']:7.2f}")
     return "\n".join(lines)
 
 
@@ -205,7 +227,8 @@ def offload_sweep(specs: list[str], matrix, *, cost, offloads=(1, 2, 3, 4, 5), d
 
 
 def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
-    """Mean cumulative regret against the best fixed arm (SplitEE Fig. 7)."""
+    """Mean cumulative regret against the best fixed arm (SplitEE Fig. 7); ordered runs: dynamic regret,
+    the boundaries marked."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -214,8 +237,13 @@ def plot_regret(reports: list[dict[str, Any]], path: str | Path) -> Path:
         if curve is None or r["regret_kind"] != "pseudo":
             continue
         ax.plot(np.arange(1, len(curve) + 1), curve, label=r["spec"], linestyle=("-", "--", "-.", ":")[k % 4])
+    segments = next((r["segments"] for r in reports if "segments" in r), None)
+    for s in (segments or [])[1:]:    # ordered runs: the boundaries, each labelled with the segment it opens
+        ax.axvline(s["start"] + 0.5, color="0.4", linewidth=0.8, linestyle=":")
+        ax.annotate(s["name"], (s["start"] + 0.5, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                    rotation=90, va="top", ha="right", color="0.3")
     ax.set_xlabel("samples")
-    ax.set_ylabel("cumulative regret (vs best fixed split)")
+    ax.set_ylabel("cumulative regret (vs best fixed split" + (" of each segment)" if segments else ")"))
     ax.set_title(f"regret, mean of {reports[0]['runs']} runs" if reports else "regret")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

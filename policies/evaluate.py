@@ -156,6 +156,85 @@ def regret_curve(res: StreamResult, arm_rewards: np.ndarray, own_arms: bool, mu:
     return np.cumsum(step)
 
 
+def dynamic_regret_steps(res: StreamResult, segments: list[dict[str, Any]], own_arms: bool, mu: float) -> np.ndarray:
+    """Per-sample regret of an ordered run against the best fixed arm of each sample's segment.
+
+    ``segments``: ``start``/``end`` (stream positions, which are also the rows of the concatenated matrix)
+    and ``rewards`` (that segment's hindsight arm rewards ``[n, L]``). Same rule as :func:`regret_curve`.
+    """
+    step = np.zeros(len(res.rows))
+    for seg in segments:
+        lo, hi, rewards = seg["start"], seg["end"], seg["rewards"]
+        means = rewards.mean(0)
+        best = int(np.argmax(means))
+        if own_arms:
+            step[lo:hi] = means[best] - means[res.arm[lo:hi].astype(int) - 1]
+        else:
+            got = res.confidence[lo:hi] - mu * res.cost[lo:hi].sum(1)
+            step[lo:hi] = rewards[res.rows[lo:hi] - lo, best] - got
+    return step
+
+
+def check_segments(named: list[tuple[str, Any]]) -> None:
+    """Every segment must have the first one's exits and classes; the error names both."""
+    if not named:
+        raise ConfigError("eval: no matrix to evaluate")
+    first_name, first = named[0]
+    for name, m in named[1:]:
+        if (m.num_layers, m.num_classes) != (first.num_layers, first.num_classes):
+            raise ConfigError(f"eval --in-order: {first_name} has {first.num_layers} exits and {first.num_classes} "
+                              f"classes but {name} has {m.num_layers} and {m.num_classes}; every segment must come "
+                              f"from the same model")
+
+
+def concat_segments(named: list[tuple[str, Any]]) -> tuple[Any, list[tuple[str, int, int]]]:
+    """Matrices kept in order as one: the concatenated matrix and each segment's ``(name, start, end)``.
+
+    Every segment must have the same exits and classes (one model); sample ids are prefixed by the segment's
+    name (a repeated name gets ``#2``…) so that no two samples share a dedup key. Labels, embeddings and
+    ``hidden_bytes`` are kept where every segment has them alike.
+    """
+    from stream.matrix import ConfidenceMatrix
+
+    check_segments(named)
+    names: list[str] = []
+    for name, m in named:
+        label, k = name, 2
+        while label in names:
+            label, k = f"{name}#{k}", k + 1
+        names.append(label)
+    bounds, start = [], 0
+    for label, (_, m) in zip(names, named):
+        bounds.append((label, start, start + m.num_samples))
+        start += m.num_samples
+    mats = [m for _, m in named]
+    ids = [f"{label}:{i}" for label, m in zip(names, mats)
+           for i in (m.ids if m.ids is not None else range(m.num_samples))]
+    labels = np.concatenate([m.labels for m in mats]) if all(m.labels is not None for m in mats) else None
+    dims = {None if m.embeddings is None else m.embeddings.shape[1] for m in mats}
+    embeddings = np.concatenate([m.embeddings for m in mats]) if len(dims) == 1 and None not in dims else None
+    sizes = [m.hidden_bytes for m in mats]
+    hidden = sizes[0] if all(s is not None and np.array_equal(s, sizes[0]) for s in sizes) else None
+    matrix = ConfidenceMatrix(probs=np.concatenate([m.probs for m in mats]), labels=labels, embeddings=embeddings,
+                              hidden_bytes=hidden, ids=ids, meta={"segments": [b[0] for b in bounds]})
+    return matrix, bounds
+
+
+def evaluate_ordered(policy: Policy, matrix, segments: list[tuple[str, int, int]], *, runs: int = 1,
+                     seed: int = 0, batch_size: int = 32, feedback_delay: int = 0, reference: Any = None,
+                     keep_curve: bool = True) -> dict[str, Any]:
+    """Run ``policy`` over segments kept in order, each reshuffled within itself per run (seeded), with one
+    state across the boundaries; the report adds dynamic regret and ``segments`` (see :func:`summarize`)."""
+    if runs < 1:
+        raise ConfigError(f"eval: runs must be >= 1, got {runs}")
+    rng = np.random.default_rng(seed)
+    results = []
+    for _ in range(runs):
+        order = np.concatenate([start + rng.permutation(end - start) for _, start, end in segments])
+        results.append(stream(policy, matrix, order, batch_size=batch_size, feedback_delay=feedback_delay))
+    return summarize(policy, matrix, results, reference=reference, keep_curve=keep_curve, segments=segments)
+
+
 def evaluate(policy: Policy, matrix, *, runs: int = 1, seed: int = 0, batch_size: int = 32,
              feedback_delay: int = 0, reference: Any = None, keep_curve: bool = True) -> dict[str, Any]:
     """Run ``policy`` over ``matrix`` ``runs`` times (reshuffled) and summarise; see the module docstring."""
@@ -167,8 +246,17 @@ def evaluate(policy: Policy, matrix, *, runs: int = 1, seed: int = 0, batch_size
     return summarize(policy, matrix, results, reference=reference, keep_curve=keep_curve)
 
 
+#: Samples after a boundary over which the regret of adapting is reported (``regret_first_500``).
+AFTER_BOUNDARY = 500
+
+
 def summarize(policy: Policy, matrix, results: list[StreamResult], reference: Any = None,
-              keep_curve: bool = True) -> dict[str, Any]:
+              keep_curve: bool = True, segments: list[tuple[str, int, int]] | None = None) -> dict[str, Any]:
+    """The report of ``results``. With ``segments`` (ordered runs) ``regret`` is dynamic: each segment
+    against its own best fixed arm in hindsight (same rule as a single matrix), ``static_regret`` against
+    the best fixed arm of the whole stream, and ``segments`` lists per segment ``name``, ``start``,
+    ``samples``, ``best_fixed_arm``, ``most_played_arm``, ``arm_rewards``, ``regret``, ``regret_first_500``
+    (mean and std over the runs of the regret in its first min(500, n) samples), accuracy and cost."""
     layers = matrix.num_layers
     final_cost = policy.cost.final_exit_cost(layers)
     acc = [float((r.prediction == matrix.labels[r.rows]).mean()) for r in results] if matrix.labels is not None else []
@@ -205,12 +293,51 @@ def summarize(policy: Policy, matrix, results: list[StreamResult], reference: An
     }
     if report["accuracy"] is not None:
         report["accuracy_drop"] = report["final_exit_accuracy"] - report["accuracy"]
+    if segments is not None:
+        curves, report["segments"] = _segments(policy, matrix, results, segments, reference, own)
+        mean_curve = curves.mean(0)
+        report.update(static_regret=report["regret"], regret=float(mean_curve[-1]),
+                      regret_reference="best fixed arm of each segment",
+                      regret_per_t={str(c): float(mean_curve[c - 1] / c) for c in CHECKPOINTS if c <= t},
+                      boundaries=[start for _, start, _ in segments[1:]])
     if keep_curve:
         report["regret_curve"] = mean_curve.tolist()
         # 95% band of the mean curve over the runs (normal approximation, as in SplitEE Fig. 7)
         band = 1.96 * curves.std(0, ddof=1) / np.sqrt(len(results)) if len(results) > 1 else np.zeros(t)
         report["regret_band"] = band.tolist()
     return report
+
+
+def _segments(policy: Policy, matrix, results: list[StreamResult], bounds: list[tuple[str, int, int]],
+              reference: Any, own: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Dynamic regret curves ``[runs, T]`` and the per-segment summaries of an ordered evaluation."""
+    segs = []
+    for name, start, end in bounds:
+        rewards, _ = reference_rewards(policy, matrix.subset(np.arange(start, end)), reference)
+        segs.append({"name": name, "start": start, "end": end, "rewards": rewards})
+    steps = np.stack([dynamic_regret_steps(r, segs, own, policy.cost.mu) for r in results])
+    curves = np.cumsum(steps, 1)
+    out = []
+    for seg in segs:
+        lo, hi = seg["start"], seg["end"]
+        head = steps[:, lo:min(hi, lo + AFTER_BOUNDARY)].sum(1)
+        played = Counter(int(a) for r in results for a in r.arm[lo:hi] if a)
+        rows = [r.rows[lo:hi] for r in results]
+        acc = ([float((r.prediction[lo:hi] == matrix.labels[rw]).mean()) for r, rw in zip(results, rows)]
+               if matrix.labels is not None else [])
+        means = seg["rewards"].mean(0)
+        out.append({"name": seg["name"], "start": lo, "samples": hi - lo,
+                    "best_fixed_arm": int(np.argmax(means)) + 1,
+                    "most_played_arm": played.most_common(1)[0][0] if played else None,
+                    "arm_rewards": [round(float(x), 6) for x in means],
+                    "regret": float(steps[:, lo:hi].sum(1).mean()),
+                    "regret_first_500": float(head.mean()), "regret_first_500_std": float(head.std()),
+                    "accuracy": float(np.mean(acc)) if acc else None,
+                    "final_exit_accuracy": (float((matrix.probs[lo:hi, -1].argmax(-1) == matrix.labels[lo:hi]).mean())
+                                            if matrix.labels is not None else None),
+                    "cost": float(np.mean([r.cost[lo:hi].sum(1).mean() for r in results])),
+                    "offload_rate": float(np.mean([(r.tier[lo:hi] != 0).mean() for r in results]))})
+    return curves, out
 
 
 def synthetic_matrix(n: int = 1000, layers: int = 6, classes: int = 2, dim: int = 8, seed: int = 0):

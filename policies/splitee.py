@@ -36,6 +36,31 @@ Offloaded samples are the hard ones, so their mean C_L underrates the C_L of a s
 to exit, and that bias penalises shallow arms; C_i is the sample's own, closer proxy (on IMDb it gave the
 same regret as the oracle side information, ``mean`` about a third more).
 
+**Non-stationary streams** (``discount`` γ < 1 and/or ``window`` W > 0; ``splitee-drift``, ``splitee-s-drift``).
+State must stay additive, so time is bucketed: bucket b holds pulls number bk + 1 .. bk + k (``bucket`` k;
+``t``, the all-time pull count that every worker shares, numbers them), and every statistic above (``n``,
+``s``, ``v``, ``on``, ``os``, ``ocl_*``, ``cl_*``) is kept per bucket as ``n<i>@<b>`` etc. A reward lands in
+the bucket of its pull (``b`` in the context, echoed by the feedback), so a late feedback is still
+applied once, to the right bucket, by whichever worker gets it. Reads combine buckets: discounted UCB
+(Garivier & Moulines) weights bucket b by γ^(k·(B−b)) (B = floor(t / k), the bucket of the next pull; k = 1
+is their per-sample discount) and ignores buckets once that weight is below 1% (:data:`DISCOUNT_TAIL`);
+sliding-window UCB takes the last ceil(W/k) buckets with weight 1 (between W − k and W samples); both set:
+weights within the window. ``t`` in the bonus is the weighted number of pulls in those buckets. Ignored
+buckets are never needed again: :meth:`SplitEE.stale_fields` lists them for deletion. What stays
+all-time, and why: ``t`` (the clock), the pending counts ``p<i>`` (pulls in flight, not a statistic: they
+return to 0), and the online α's vectors (:mod:`policies.alpha`; 3 × bins floats per arm and bucket
+would multiply the state by the horizon, and the agreement of an exit with the final one moves less
+than the arms' means). An arm with nothing in the combined buckets and nothing pending is played again
+(Algorithm 1 line 3 per window). A drift signal from outside calls :meth:`SplitEE.on_drift`: a cut
+flag ``cut@<B>`` after which buckets older than B are ignored (idempotent, so safe under redelivery).
+Cost per sample: the start and decision write 3–5 bucket fields (SplitEE-S: 3 per evaluated arm); a
+pull reads the combined sums, kept per state view and brought up to date with the deltas queued since
+(one pass over the view's fields, or H × (5L + 4) look-ups if that is fewer, only for a new view or a new
+bucket: once per batch); Redis holds 5L + 4 fields per bucket (34 on 6 layers) until pruned. The
+``splitee-drift`` defaults (γ = 0.9998, k = 100: a memory of ≈ 5000 samples, H = 231 buckets) are the
+longest-lived setting tried; shorter memories cost more regret on a stationary stream than they saved
+after the SST-2 → IMDb boundary, where the best split does not change (README, issue #12).
+
 >>> from stream.costs import splitee
 >>> from policies.base import StateView
 >>> p = SplitEE(cost=splitee(offload=5.0), num_layers=3, alpha=0.8, beta=1.0, bonus="ucb1")
@@ -46,12 +71,25 @@ same regret as the oracle side information, ``mean`` about a third more).
 [1.3481, 1.7481, 1.6481]
 >>> p.pull(state)
 2
+>>> w = SplitEE(cost=splitee(offload=5.0), num_layers=3, alpha=0.8, bonus="ucb1", window=20, bucket=10)
+>>> w.horizon, w.bucket_weights(StateView({"t": 35.0}))      # the current bucket 3 and the one before
+(2, [(3, 1.0), (2, 1.0)])
+>>> state = StateView({"t": 35.0, "n1@1": 4.0, "s1@1": 3.6, "n1@3": 2.0, "s1@3": 0.4, "n2@2": 1.0, "s2@2": 0.7,
+...                    "n3@3": 1.0, "s3@3": 0.6})
+>>> stats = w.stats(state)                                     # bucket 1 is out of the window
+>>> stats.number("n1"), round(stats.number("s1"), 4), stats.number("t")
+(2.0, 0.4, 15.0)
+>>> w.on_drift(state)
+{'cut@3': 1.0, 'cuts': 1.0}
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
+import weakref
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -242,21 +280,171 @@ class SplitArms:
         return np.where(exit_, conf - self.cost.mu * stay, conf[:, -1:] - self.cost.mu * away)
 
 
+#: The fields kept per bucket when bucketed: per arm count, sum, sum of squares, offload count and sum, and
+#: the C_L seen in feedback (every offload; SplitEE-S's observed side information). The rest is all-time.
+_BUCKETED = re.compile(r"(?:n|s|v|on|os)\d+|o?cl_[ns]")
+POOLED_GLOBAL = ("ocl_n", "ocl_s", "cl_n", "cl_s")
+#: A discounted bucket whose weight γ^(k·age) fell below this is ignored (its fields may be deleted).
+DISCOUNT_TAIL = 0.01
+
+
+class _Pooled(StateView):
+    """A state view whose statistics are the combined buckets; every other field reads through."""
+
+    def __init__(self, state: StateView, pooled: dict[str, float]) -> None:
+        super().__init__()
+        self._state, self._pooled = state, pooled
+
+    def __getitem__(self, key: str):
+        if _BUCKETED.fullmatch(key) or key == "t":
+            if key in self._pooled:
+                return self._pooled[key]
+            raise KeyError(key)
+        return self._state[key]
+
+    def __iter__(self):
+        return iter(set(self._pooled) | {k for k in self._state if "@" not in k and not _BUCKETED.fullmatch(k)})
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class SplitEE(SplitArms, Policy):
     """UCB over the split layer; only the split layer's exit is evaluated (``exits="last"``)."""
 
     name = "splitee"
     exits: ClassVar[ExitMode] = "last"
 
-    def __init__(self, *, beta: float = 1.0, bonus: Literal["tuned", "ucb1"] = "tuned", **kw) -> None:
+    def __init__(self, *, beta: float = 1.0, bonus: Literal["tuned", "ucb1"] = "tuned", discount: float = 1.0,
+                 window: int = 0, bucket: int = 50, **kw) -> None:
         super().__init__(**kw)
         self.beta = self.setting("beta", beta, float, 0.0)
         if bonus not in ("tuned", "ucb1"):
             raise ConfigError(f"policy {self.name!r}: bonus must be 'tuned' or 'ucb1', got {bonus!r}")
         self.bonus = bonus
+        self.discount = self.setting("discount", discount, float, 0.0, 1.0)
+        if self.discount <= 0.0:
+            raise ConfigError(f"policy {self.name!r}: discount must be in (0, 1], got {discount!r}")
+        self.window = self.setting("window", window, int, 0)
+        self.bucket = self.setting("bucket", bucket, int, 1)
+        self._bucket_keys: dict[int, list[tuple[str, str]]] = {}
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "beta": self.beta, "bonus": self.bonus}
+        out = {**super().params(), "beta": self.beta, "bonus": self.bonus}
+        if self.bucketed:        # plain SplitEE keeps its namespace: only a non-stationary setting adds these
+            out.update(discount=self.discount, window=self.window, bucket=self.bucket)
+        return out
+
+    # -- non-stationary statistics: time buckets (see the module docstring) -------------------------
+    @property
+    def bucketed(self) -> bool:
+        """Whether statistics are kept per time bucket (a discount below 1 or a window)."""
+        return self.discount < 1.0 or self.window > 0
+
+    @functools.cached_property
+    def horizon(self) -> int:
+        """How many buckets, the current one included, the statistics combine (older ones are ignored)."""
+        out = math.inf
+        if self.window > 0:
+            out = math.ceil(self.window / self.bucket)
+        if self.discount < 1.0:
+            out = min(out, int(math.log(DISCOUNT_TAIL) / (self.bucket * math.log(self.discount))) + 1)
+        return int(out)
+
+    def bucket_of(self, state: StateView) -> int:
+        """The current bucket, that of the next pull: floor(t / k), t = pulls started so far (all workers)."""
+        return int(state.number("t") // self.bucket)
+
+    def bucket_weights(self, state: StateView) -> list[tuple[int, float]]:
+        """``(bucket, weight)`` the statistics combine now, newest first: γ^(k·age), within the horizon,
+        and not older than the newest drift cut (:meth:`on_drift`)."""
+        now, ages = self.bucket_of(state), self._age_weights
+        out = [(now - age, ages[age]) for age in range(min(self.horizon, now + 1))]
+        if state.number("cuts") > 0:
+            cut = next((k for k, (b, _) in enumerate(out) if state.number(f"cut@{b}") > 0), None)
+            out = out if cut is None else out[:cut + 1]
+        return out
+
+    @functools.cached_property
+    def _age_weights(self) -> list[float]:
+        return [self.discount ** (self.bucket * age) for age in range(self.horizon)]
+
+    def _keys_at(self, b: int) -> list[tuple[str, str]]:
+        keys = self._bucket_keys.get(b)
+        if keys is None:
+            if len(self._bucket_keys) > 4 * self.horizon + 16:
+                self._bucket_keys.clear()
+            names = [f"{f}{i}" for i in range(1, self.num_layers + 1) for f in ("n", "s", "v", "on", "os")]
+            keys = self._bucket_keys[b] = [(name, f"{name}@{b}") for name in names + list(POOLED_GLOBAL)]
+        return keys
+
+    def stats(self, state: StateView) -> StateView:
+        """The statistics the index reads: ``state`` itself, or its buckets combined (same field names,
+        ``t`` = the weighted number of pulls in those buckets); other fields (``p<i>``, α) pass through."""
+        if not self.bucketed:
+            return state
+        t = state.number("t")
+        weights = self.bucket_weights(state)
+        pooled = self._pooled_cached(state, weights)
+        if pooled is None:
+            pooled = {}
+            keys = list(state)
+            if len(keys) <= len(weights) * (5 * self.num_layers + len(POOLED_GLOBAL)):  # one pass over the fields
+                w = dict(weights)
+                for key in keys:
+                    name, _, b = key.partition("@")
+                    if b and b.isdigit() and int(b) in w and _BUCKETED.fullmatch(name):
+                        pooled[name] = pooled.get(name, 0.0) + w[int(b)] * float(state[key])
+            else:                                   # many stale fields: look the combined buckets up instead
+                for b, w in weights:
+                    for name, key in self._keys_at(b):
+                        value = state.get(key)
+                        if value is not None:
+                            pooled[name] = pooled.get(name, 0.0) + w * float(value)
+        self._cache = (weakref.ref(state), state.pending, len(state.pending), weights, pooled)
+        ticks = sum(w * min(self.bucket, max(0.0, t - b * self.bucket)) for b, w in weights)
+        return _Pooled(state, {**pooled, "t": ticks})
+
+    def _pooled_cached(self, state: StateView, weights: list[tuple[int, float]]) -> dict[str, float] | None:
+        """The previous call's sums brought up to date with the deltas ``state`` queued since (same view, same
+        buckets): one pass over the new deltas instead of every bucket's fields. None when it cannot."""
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0]() is not state or cache[1] is not state.pending or cache[3] != weights:
+            return None
+        pooled, w = dict(cache[4]), dict(weights)
+        for delta in state.pending[cache[2]:]:
+            for key, value in delta.items():
+                name, _, b = key.partition("@")
+                if b and b.isdigit() and int(b) in w and _BUCKETED.fullmatch(name):
+                    pooled[name] = pooled.get(name, 0.0) + w[int(b)] * float(value)
+        return pooled
+
+    def _stamp(self, delta: Delta, ctx: dict[str, Any], state: StateView) -> Delta:
+        """Move the statistics of ``delta`` into the bucket of the pull (``ctx['b']``, else the current one)."""
+        if not self.bucketed or not delta:
+            return delta
+        b = int(ctx["b"]) if "b" in ctx else self.bucket_of(state)
+        return {(f"{k}@{b}" if _BUCKETED.fullmatch(k) else k): v for k, v in delta.items()}
+
+    def on_drift(self, state: StateView) -> Delta:
+        """What a drift detector's signal does to this policy: the delta that starts a new epoch now.
+
+        With buckets: ``cut@<b> = 1`` for the current bucket b, after which every bucket older than b is
+        ignored (the fields stay, readable; the pending counts and the online α are all-time and kept).
+        The cut is a flag (> 0), so applying it twice, from two workers or a redelivered detection, is
+        the same as once. Without buckets it returns ``{}``: all-time sums can only be reset or decayed
+        by the store's generic new-epoch mechanism (applied once under its own key).
+        """
+        return {f"cut@{self.bucket_of(state)}": 1.0, "cuts": 1.0} if self.bucketed else {}
+
+    def stale_fields(self, state: Mapping[str, Any]) -> list[str]:
+        """Bucket fields no read uses any more (older than the horizon or a cut): safe to delete from the
+        store at any time (deleting an ignored field changes no decision, and deleting twice is harmless)."""
+        if not self.bucketed:
+            return []
+        view = state if isinstance(state, StateView) else StateView(state)
+        oldest = min(b for b, _ in self.bucket_weights(view))
+        return sorted(k for k in state if "@" in k and int(k.rsplit("@", 1)[1]) < oldest)
 
     @functools.cached_property
     def _best_reward(self) -> list[float]:
@@ -265,6 +453,7 @@ class SplitEE(SplitArms, Policy):
 
     def index(self, state: StateView) -> list[float]:
         """The UCB index of every arm (``inf`` for an arm never pulled); see the module docstring."""
+        state = self.stats(state)
         t = state.number("t")
         log_t = math.log(t) if t > 1 else 0.0
         out = []
@@ -320,7 +509,20 @@ class SplitEE(SplitArms, Policy):
             out.update({f"on{arm}": 1.0, f"os{arm}": reward})
         return out
 
+    def context(self, obs: Observation, action: Action, state: StateView | None = None) -> dict[str, Any]:
+        """SplitArms' context, plus the pull's bucket ``b`` when bucketed (its feedback is scored there)."""
+        return {**super().context(obs, action, state), **self._when(action, state)}
+
+    def _when(self, action: Action, state: StateView | None) -> dict[str, Any]:
+        if not self.bucketed or isinstance(action, Continue):
+            return {}
+        t = (state if state is not None else StateView()).number("t")
+        return {"b": int(max(t - 1.0, 0.0) // self.bucket)}   # the bucket of the latest pull (this one's start)
+
     def learn(self, event: Event, state: StateView) -> Delta:
+        return self._stamp(self._learn(event, state), event.context, state)
+
+    def _learn(self, event: Event, state: StateView) -> Delta:
         ctx = event.context
         arm = int(ctx["arm"])
         if event.stage == "start":       # the pull is in flight: pending until its reward is known
@@ -339,18 +541,25 @@ class SplitEE(SplitArms, Policy):
         return delta                     # offloaded: stays pending until feedback brings C_L
 
     def describe(self, state) -> dict[str, Any]:
-        view = state if isinstance(state, StateView) else StateView(state)
+        raw = state if isinstance(state, StateView) else StateView(state)
+        view = self.stats(raw)
         arms = {}
         for i in range(1, self.num_layers + 1):
             n = view.number(f"n{i}")
             arms[str(i)] = {"n": n, "pending": view.number(f"p{i}"),
                             "q": round(view.number(f"s{i}") / n, 6) if n else None}
             if self.alpha_rule == "online" and i < self.num_layers:
-                arms[str(i)].update(self.alpha_estimate(i, view))
+                arms[str(i)].update(self.alpha_estimate(i, raw))
         played = {i: view.number(f"n{i}") + view.number(f"p{i}") for i in range(1, self.num_layers + 1)}
-        return {"t": view.number("t"), "alpha": self.alpha, "alpha_rule": self.alpha_rule, "beta": self.beta,
-                "arms": arms,
-                "most_played_arm": max(played, key=played.get) if any(played.values()) else None}
+        out = {"t": raw.number("t"), "alpha": self.alpha, "alpha_rule": self.alpha_rule, "beta": self.beta,
+               "arms": arms,
+               "most_played_arm": max(played, key=played.get) if any(played.values()) else None}
+        if self.bucketed:
+            weights = self.bucket_weights(raw)
+            out.update(discount=self.discount, window=self.window, bucket=self.bucket, t_effective=view.number("t"),
+                       buckets=[b for b, _ in weights],
+                       cut=next((b for b, _ in weights if raw.number(f"cut@{b}") > 0), None))
+        return out
 
 
 class SplitEES(SplitEE):
@@ -384,7 +593,7 @@ class SplitEES(SplitEE):
             out["alphas"] = [self.alpha_for(j, view) for j in layers]
         if isinstance(action, Offload) and action.probe:
             out["probe"] = True
-        return out
+        return {**out, **self._when(action, state)}
 
     def _side(self, j: int, conf: float, c_last: float | None, alpha: float) -> tuple[str, float | None]:
         """Arm j's outcome on this sample: ('exit', r), ('offload', r) or ('pending', None) if C_L unknown."""
@@ -396,12 +605,13 @@ class SplitEES(SplitEE):
 
     def estimate_last(self, conf: list[float], state: StateView) -> float:
         """Estimated C_L of a sample that exited (observed side info): see the module docstring."""
-        n = state.number("cl_n")
+        stats = self.stats(state)
+        n = stats.number("cl_n")
         if self.cl_estimate == "mean" and n > 0:
-            return state.number("cl_s") / n
+            return stats.number("cl_s") / n
         return conf[-1]
 
-    def learn(self, event: Event, state: StateView) -> Delta:
+    def _learn(self, event: Event, state: StateView) -> Delta:
         if event.stage == "start":
             return {"t": 1.0, f"p{int(event.context['arm'])}": 1.0}
         ctx = event.context
@@ -445,3 +655,21 @@ class SplitEES(SplitEE):
                 for key, value in self.scored(j, reward).items():
                     add(key, value)
         return {k: v for k, v in delta.items() if isinstance(v, np.ndarray) or v != 0.0 or k[0] == "s"}
+
+
+class SplitEEDrift(SplitEE):
+    """SplitEE for drifting streams: the same policy with sliding-window statistics (time buckets)."""
+
+    name = "splitee-drift"
+
+    def __init__(self, *, discount: float = 0.9998, window: int = 0, bucket: int = 100, **kw) -> None:
+        super().__init__(discount=discount, window=window, bucket=bucket, **kw)
+
+
+class SplitEESDrift(SplitEES):
+    """SplitEE-S for drifting streams: the same policy with sliding-window statistics (time buckets)."""
+
+    name = "splitee-s-drift"
+
+    def __init__(self, *, discount: float = 0.9998, window: int = 0, bucket: int = 100, **kw) -> None:
+        super().__init__(discount=discount, window=window, bucket=bucket, **kw)
