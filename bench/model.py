@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{r['layers']}" + (" (full)" if r["layers"] == layers else "")
         print(f"{r['batch_size']:>5} {label:>6} {r['samples_per_s']:>10.1f} {r['ms_per_sample']:>10.2f} "
               f"{r['share_of_full']:>14.3f}")
+    big = max(r["batch_size"] for r in rows)
+    layer_ms = next(r["ms_per_sample"] for r in rows if r["batch_size"] == big and r["layers"] == layers) / layers
+    print(f"one device layer: {layer_ms:.2f} ms per sample (full pass at batch {big} / {layers} layers; "
+          f"`--layer-ms` of `--link`)")
     fp16 = None
     if not args.no_fp16:
         fp16 = fp16_round_trip(model, datasets.load("sst2", "dev"), args.max_len)
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "model", "model": source, "num_layers": layers, "inputs": "imdb test, shuffled seed 0",
               "max_len": args.max_len, "samples": len(texts), "threads": args.threads, "repeats": args.repeats,
               "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows, "fp16_round_trip": fp16}
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows, "layer_ms": round(layer_ms, 3),
+              "fp16_round_trip": fp16}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,7 +1,9 @@
 """The edge and cloud stages: resume the forward pass from the handed-over hidden state.
 
-An offload carries the float16 hidden state of the device's split layer (or the raw input when nothing
-ran there); the remote stage never recomputes the device's layers. It runs on to ``run_to`` (exiting
+An offload carries the hidden state of the device's split layer, float16 or int8 per token as its
+``encoding`` says (or the raw input when nothing ran there); the remote stage never recomputes the
+device's layers. The offload's real size goes into the sample's trace, so a cost model with a link
+prices it by its bytes. It runs on to ``run_to`` (exiting
 early at the offload's threshold, DIMEE's edge), publishes the sample's result, and sends the policy
 what it needs to score its decision (the exit's probabilities, e.g. C_L) on ``feedback``.
 """
@@ -10,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-
-import numpy as np
 
 from stream import messages
 from stream.checkpoint import SampleCommit
@@ -54,13 +54,8 @@ class RemoteWorker(StageWorker):
             if not isinstance(msg.get("text"), str) or not msg["text"].strip():
                 raise MessageError(f"{where}: resumes at layer 0 but carries no raw text")
         else:
-            msg["hidden"] = messages.unpack_tensor(msg.get("hidden"), where=f"{where} hidden", ndim=2,
-                                                   last_dim=self.model.hidden_size)
-            if msg["hidden"].dtype != np.float16:
-                raise MessageError(f"{where}: hidden state must be float16, got {msg['hidden'].dtype}")
-            if msg["hidden"].shape[0] > self.max_len:
-                raise MessageError(f"{where}: hidden state has {msg['hidden'].shape[0]} tokens, over max_len "
-                                   f"{self.max_len}")
+            msg["hidden"] = messages.decode_hidden(msg, where=where, last_dim=self.model.hidden_size,
+                                                   max_tokens=self.max_len)
         if msg["trace"]["tier"] != self.stage:
             raise MessageError(f"{where}: offloaded to tier {msg['trace']['tier']!r} but read by the {self.stage} stage")
         try:
@@ -103,7 +98,7 @@ class RemoteWorker(StageWorker):
                     items[j] = (h, m)
             for i, m in enumerate(msgs):
                 if items[i] is None:
-                    h = torch.from_numpy(m["hidden"].astype(np.float32))[None]
+                    h = torch.from_numpy(m["hidden"])[None]
                     items[i] = (h, torch.ones(1, h.shape[1], dtype=torch.long))
             hidden, mask = self.model.collate(items)
             runner = ModelRunner(self.model, hidden, mask)
@@ -111,7 +106,8 @@ class RemoteWorker(StageWorker):
             outcomes = run_remote([m["resume_layer"] for m in msgs], offloads, self.model.num_layers, runner)
         elapsed_ms = (time.time() - started) * 1000.0
         for (record, msg), outcome in zip(valid, outcomes):
-            device = Trace(**{k: v for k, v in msg["trace"].items() if k in ("device_layers", "device_exits", "tier")})
+            device = Trace(**{k: v for k, v in msg["trace"].items() if k in ("device_layers", "device_exits", "tier")},
+                           offload_bytes=len(record.value))
             trace = remote_trace(device, outcome)
             spec = msg["policy"]
             cost = preset(spec.get("cost", "splitee"), num_layers=self.model.num_layers,
@@ -121,11 +117,12 @@ class RemoteWorker(StageWorker):
                                    decision=msg.get("decision") or {"layer": msg["resume_layer"], "confidence": None},
                                    stage=self.stage, latency_device_ms=msg.get("latency_device_ms", 0.0),
                                    latency_remote_ms=elapsed_ms, bytes_offloaded=len(record.value),
-                                   embedding_distance=msg.get("embedding_distance"))
+                                   embedding_distance=msg.get("embedding_distance"),
+                                   ts_device=msg.get("ts_device"), ts_remote=started)
             feedback = {"id": msg["id"], "policy": spec, "context": msg["context"],
                         "trace": {"device_layers": trace.device_layers, "device_exits": trace.device_exits,
                                   "tier": trace.tier, "edge_layers": trace.edge_layers,
-                                  "cloud_layers": trace.cloud_layers},
+                                  "cloud_layers": trace.cloud_layers, "offload_bytes": trace.offload_bytes},
                         "exit_layer": outcome.exit_layer, "probs": [float(x) for x in outcome.probs]}
             if self.metrics:
                 self.metrics.result(result)

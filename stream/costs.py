@@ -11,6 +11,17 @@ o = 5λ becomes 2.5λ on 6 layers); a value the user gives is taken literally.
 (2.5, 5.0, 3.0)
 >>> round(preset("splitee", num_layers=6).offload_ratio(6), 4)     # o / (λL) = 5 / 12, as in the paper
 0.4167
+
+**A link** (:class:`Link`, presets ``LINKS``) prices an offload by its real size instead of a constant:
+o = λ · (RTT + bytes / uplink bandwidth) / (time of one device layer), with the layer time measured by
+``python -m bench model``. It is set through the cost overrides ``link_rtt_ms``, ``link_mbps``,
+``layer_ms`` (and ``link_ref_bytes``, the size that prices an offload whose bytes are not known yet), which
+:func:`link_overrides` fills from a preset; a trace's ``offload_bytes`` (the offload message's real size,
+recorded by the edge/cloud stage) is what it charges. Without a link, o is the constant, as in the papers.
+
+>>> c = preset("splitee", num_layers=6, **link_overrides("4g", layer_ms=4.0))
+>>> round(c.breakdown(Trace(1, 1, tier="cloud", offload_bytes=50_000)).offload, 2)   # (20 + 68.38) / 4
+22.09
 """
 
 from __future__ import annotations
@@ -33,11 +44,12 @@ class Trace:
     tier: Tier = "device"
     edge_layers: int = 0
     cloud_layers: int = 0
+    offload_bytes: int = 0  # size of the offload message (0: none, or not known yet)
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
             raise ConfigError(f"trace tier must be one of {TIERS}, got {self.tier!r}")
-        for field in ("device_layers", "device_exits", "edge_layers", "cloud_layers"):
+        for field in ("device_layers", "device_exits", "edge_layers", "cloud_layers", "offload_bytes"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"trace {field} must be >= 0, got {getattr(self, field)}")
 
@@ -97,12 +109,15 @@ class CostModel:
         """λ: the per-layer device cost including its exit (λ1 + λ2)."""
         return self.device_layer + self.device_exit
 
+    def offload_cost(self, tier: Tier, nbytes: int = 0) -> float:
+        """o of an offload to ``tier`` of ``nbytes`` bytes (0 on the device); a constant without a link."""
+        return {"device": 0.0, "edge": self.offload_edge, "cloud": self.offload_cloud}[tier]
+
     def breakdown(self, trace: Trace) -> Cost:
-        offload = {"device": 0.0, "edge": self.offload_edge, "cloud": self.offload_cloud}[trace.tier]
         return Cost(
             device=self.device_layer * trace.device_layers + self.device_exit * trace.device_exits,
             edge=self.edge_layer * trace.edge_layers + self.cloud_layer * trace.cloud_layers,
-            offload=offload,
+            offload=self.offload_cost(trace.tier, trace.offload_bytes),
             fee=self.cloud_fee if trace.tier == "cloud" else 0.0,
         )
 
@@ -120,11 +135,111 @@ class CostModel:
                 f"at L = {num_layers}), μ = {self.mu:g}")
 
     def with_overrides(self, **overrides: float) -> "CostModel":
-        names = {f.name for f in dataclasses.fields(self)} - {"name"}
+        """A copy with fields replaced; a link field (``link_mbps``, …) makes it a :class:`LinkedCostModel`."""
+        names = {f.name for f in dataclasses.fields(LinkedCostModel)} - {"name"}
         unknown = set(overrides) - names
         if unknown:
             raise ConfigError(f"unknown cost parameter(s) {sorted(unknown)}; expected some of {sorted(names)}")
-        return dataclasses.replace(self, **{k: float(v) for k, v in overrides.items()})
+        cls = LinkedCostModel if set(overrides) & set(LINK_FIELDS) else type(self)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return cls(**{**values, **{k: float(v) for k, v in overrides.items()}})
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """An uplink from the device to the edge/cloud: round-trip time and bandwidth.
+
+    Presets (``LINKS``), mean uplink bandwidth and RTT:
+
+    * ``3g`` 1.1 Mbit/s, ``4g`` (LTE) 5.85 Mbit/s, ``wifi`` 18.88 Mbit/s: the uplink bandwidths measured
+      by Neurosurgeon (Kang et al., ASPLOS 2017), the figures the SplitEE paper (its ref. [12]) and the
+      split-computing survey (Matsubara et al., its ref. [60]) build on.
+    * ``5g`` 50 Mbit/s: ITU-R M.2410-0 (IMT-2020 minimum requirements), user-experienced uplink data rate.
+    * RTT: 2 × the user-plane latency requirement of ITU-R M.2410-0 for 5G (4 ms → 8 ms) and of ITU-R
+      M.2134 for 4G/IMT-Advanced (10 ms → 20 ms); 3G 100 ms and Wi-Fi 5 ms are typical values
+      (assumptions, not from a standard).
+
+    Both tiers are reached over the same uplink (the edge/cloud RTT difference is not modelled).
+
+    >>> round(LINKS["4g"].ms(98_304), 1), round(LINKS["4g"].ms(49_664), 1)   # 128 tokens, f16 / i8
+    (154.4, 87.9)
+    """
+
+    name: str
+    rtt_ms: float
+    mbps: float
+
+    def ms(self, nbytes: float) -> float:
+        """Time to deliver ``nbytes`` bytes: RTT + bytes / bandwidth, in milliseconds."""
+        return self.rtt_ms + float(nbytes) * 8 / (self.mbps * 1e3)
+
+
+LINKS = {"3g": Link("3g", 100.0, 1.1), "4g": Link("4g", 20.0, 5.85), "5g": Link("5g", 8.0, 50.0),
+         "wifi": Link("wifi", 5.0, 18.88)}
+LINK_FIELDS = ("link_rtt_ms", "link_mbps", "layer_ms", "link_ref_bytes")
+
+#: ms per sample of one device layer with its exit: the default model's full pass at 128 tokens, batch
+#: 32, 2 threads (`python -m bench model`: 20.43 ms per sample for 6 layers), divided by its 6 layers.
+DEFAULT_LAYER_MS = 3.4
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkedCostModel(CostModel):
+    """A cost model that prices an offload by its bytes over a link: o = λ · link.ms(bytes) / layer_ms.
+
+    An offload whose size is not known (a trace with ``offload_bytes = 0``, e.g. a policy's estimate before
+    the remote stage answered) costs the link's price of ``link_ref_bytes``; with ``link_ref_bytes = 0`` it
+    keeps the constant ``offload_edge`` / ``offload_cloud``. With ``link_ref_bytes > 0`` those constants are
+    set to that price, so the policies that read them (routing, reports) see the link too.
+    """
+
+    link_rtt_ms: float = 0.0
+    link_mbps: float = 0.0
+    layer_ms: float = DEFAULT_LAYER_MS
+    link_ref_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.link_mbps <= 0 or self.layer_ms <= 0:
+            raise ConfigError(f"cost model {self.name!r}: a link needs link_mbps > 0 and layer_ms > 0, got "
+                              f"link_mbps={self.link_mbps!r}, layer_ms={self.layer_ms!r}")
+        if self.link_ref_bytes > 0:
+            ref = self.link_cost(self.link_ref_bytes)
+            object.__setattr__(self, "offload_edge", ref)
+            object.__setattr__(self, "offload_cloud", ref)
+
+    @property
+    def link(self) -> Link:
+        return Link("custom", self.link_rtt_ms, self.link_mbps)
+
+    def link_cost(self, nbytes: float) -> float:
+        """o in λ units for an offload of ``nbytes`` bytes."""
+        return self.lam * self.link.ms(nbytes) / self.layer_ms
+
+    def offload_cost(self, tier: Tier, nbytes: int = 0) -> float:
+        if tier == "device" or nbytes <= 0:
+            return super().offload_cost(tier, nbytes)
+        return self.link_cost(nbytes)
+
+    def describe(self, num_layers: int) -> str:
+        return (f"{super().describe(num_layers)}; link RTT {self.link_rtt_ms:g} ms, {self.link_mbps:g} Mbit/s, "
+                f"device layer {self.layer_ms:g} ms (o from each offload's bytes; {self.offload_cloud:.3g}λ at "
+                f"{self.link_ref_bytes:.0f} bytes)")
+
+
+def link_overrides(link: str | Link, layer_ms: float | None = None, ref_bytes: int = 0) -> dict[str, float]:
+    """The cost overrides that put ``link`` (a preset name or a :class:`Link`) under a cost preset.
+
+    >>> link_overrides("wifi", layer_ms=3.4, ref_bytes=49_664)
+    {'link_rtt_ms': 5.0, 'link_mbps': 18.88, 'layer_ms': 3.4, 'link_ref_bytes': 49664.0}
+    """
+    if isinstance(link, str):
+        try:
+            link = LINKS[link]
+        except KeyError:
+            raise ConfigError(f"unknown link {link!r}; expected one of {sorted(LINKS)}") from None
+    return {"link_rtt_ms": link.rtt_ms, "link_mbps": link.mbps,
+            "layer_ms": DEFAULT_LAYER_MS if layer_ms is None else float(layer_ms), "link_ref_bytes": float(ref_bytes)}
 
 
 #: The depth the papers' cost figures are stated for (BERT-base / ElasticBERT-base).
