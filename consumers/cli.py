@@ -13,19 +13,37 @@ log = logging.getLogger(__name__)
 
 
 def add_policy_args(p) -> None:
+    from stream.costs import LINKS
+    from stream.messages import DEFAULT_HIDDEN_ENCODING, HIDDEN_ENCODINGS
     p.add_argument("--policy", default="static-maxprob",
                    help="policy to make active if none is yet (see `exitflow policy list`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="policy parameter (repeatable)")
     p.add_argument("--cost-model", default="splitee", choices=("splitee", "dimee"), help="cost model preset")
     p.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE",
                    help="override a cost-model field, e.g. offload_cloud=3 (repeatable)")
+    p.add_argument("--link", choices=sorted(LINKS), default=None,
+                   help="price each offload by its real bytes over this uplink, o = (RTT + bytes/bandwidth) / "
+                   "layer time (figures: stream.costs.Link); default: the preset's constant o")
+    p.add_argument("--layer-ms", type=float, default=None,
+                   help="ms per sample of one device layer for --link (default: stream.costs.DEFAULT_LAYER_MS, "
+                   "measured by `python -m bench model`)")
+    p.add_argument("--hidden-encoding", choices=sorted(HIDDEN_ENCODINGS),
+                   default=os.environ.get("EXITFLOW_HIDDEN_ENCODING", DEFAULT_HIDDEN_ENCODING),
+                   help="how the device sends an offload's hidden state: int8 per token or float16 "
+                   "(env EXITFLOW_HIDDEN_ENCODING)")
 
 
-def policy_spec(args):
+def policy_spec(args, hidden_size: int = 384):
+    """The policy to make active; ``--link`` adds its cost overrides, priced for ``max_len`` tokens."""
     from policies.control import ActiveSpec
     from policies.registry import parse_sets
-    from stream.costs import parse_overrides
-    return ActiveSpec(args.policy, parse_sets(args.set), args.cost_model, parse_overrides(args.cost))
+    from stream.costs import link_overrides, parse_overrides
+    from stream.messages import hidden_payload_bytes
+    overrides = parse_overrides(args.cost)
+    if getattr(args, "link", None):
+        ref = hidden_payload_bytes(args.max_len, hidden_size, args.hidden_encoding)
+        overrides = {**link_overrides(args.link, args.layer_ms, ref), **overrides}
+    return ActiveSpec(args.policy, parse_sets(args.set), args.cost_model, overrides)
 
 
 def register(subparsers) -> None:
@@ -81,7 +99,11 @@ def stage_metrics(stage: str, port: int | None, host: str):
 
 
 def cmd_worker(args) -> int:
+    import faulthandler
+    import signal
+
     from consumers.worker import WorkerConfig
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack to the log
 
     config = WorkerConfig(bootstrap=args.bootstrap, redis_url=redis_url(args), topic_prefix=args.prefix,
                           redis_prefix=args.redis_prefix, group=args.group, batch_size=args.batch_size,
@@ -93,8 +115,8 @@ def cmd_worker(args) -> int:
     if args.stage == "device":
         from consumers.device import DeviceWorker, reference_centroids
         reference = reference_centroids(args.reference) if args.reference else None
-        worker = DeviceWorker(config, model, policy_spec(args), max_len=args.max_len, metrics=metrics,
-                              reference=reference)
+        worker = DeviceWorker(config, model, policy_spec(args, model.hidden_size), max_len=args.max_len,
+                              metrics=metrics, reference=reference, hidden_encoding=args.hidden_encoding)
     else:
         from consumers.remote import RemoteWorker
         worker = RemoteWorker(config, model, args.stage, max_len=args.max_len, metrics=metrics)

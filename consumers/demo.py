@@ -152,7 +152,7 @@ def cmd_demo(args) -> int:
     if not meta_path.is_file():
         raise ConfigError(f"no model at {model_dir}: run `exitflow model prepare` (or pass --model DIR)")
     meta = json.loads(meta_path.read_text())
-    spec = policy_spec(args)
+    spec = policy_spec(args, meta.get("hidden_size", 384))
     spec.build(meta["num_layers"], meta["num_classes"])  # fail early on a bad policy or parameter
     expected = _expected_count(args)
     prefix = args.prefix or f"exitflow.demo{int(time.time())}."
@@ -185,10 +185,11 @@ def cmd_demo(args) -> int:
             _open_browser(monitor.url)
         from stream.infra import free_port, port_open
         metrics_ports: dict[str, int] = {}
+        commands: dict[str, list[str]] = {}
         cli = [sys.executable, "-m", "stream.cli"]
         common = ["--bootstrap", bootstrap, "--redis-url", url, "--prefix", prefix]
         worker = ["--model", str(model_dir), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
-                  "--policy", spec.name, "--cost-model", spec.cost]
+                  "--policy", spec.name, "--cost-model", spec.cost, "--hidden-encoding", args.hidden_encoding]
         # The default reference is the default model's SST-2 dev calibration matrix.
         reference = args.reference or (None if args.model else home() / "matrices" / "sst2-dev.npz")
         device_extra = ["--reference", str(reference)] if reference and reference.is_file() else []
@@ -197,8 +198,9 @@ def cmd_demo(args) -> int:
             metrics_ports[name] = free_port()
             stage = name.rstrip("0123456789")
             extra = device_extra if stage == "device" else []
-            procs[name] = _spawn(cli + ["worker", stage, "--metrics-port", str(metrics_ports[name])] + worker + extra
-                                 + common, logs / f"{name}.log")
+            commands[name] = cli + ["worker", stage, "--metrics-port", str(metrics_ports[name])] + worker + extra \
+                + common
+            procs[name] = _spawn(commands[name], logs / f"{name}.log")
         # The workers serve metrics once their model is loaded: start the stream then, so samples/s is the
         # pipeline's, not the model loading's.
         ready_by = time.monotonic() + 300
@@ -218,6 +220,7 @@ def cmd_demo(args) -> int:
         tps = [TopicPartition(t, p) for t in (topics.results, topics.labels) for p in range(args.partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
+        restarts: dict[str, int] = {}
         from tqdm import tqdm
         bar = tqdm(total=expected, desc="demo", unit="sample", disable=args.no_progress)
         deadline = time.monotonic() + args.timeout
@@ -225,9 +228,7 @@ def cmd_demo(args) -> int:
         while len(summary.results) < expected:
             if interrupted or time.monotonic() > deadline:
                 break
-            for name, proc in procs.items():
-                if name != "replay" and proc.poll() is not None:
-                    raise InfraError(f"the {name} worker exited with code {proc.returncode}; see {logs / name}.log")
+            _supervise(procs, commands, broker, topics, args.partitions, restarts, logs)
             if procs["replay"].poll() not in (None, 0):
                 raise InfraError(f"the replay producer failed; see {logs / 'replay.log'}")
             for records in consumer.poll(timeout_ms=200, max_records=2000).values():
@@ -259,7 +260,8 @@ def cmd_demo(args) -> int:
                        "offload_cost": cost.offload_cloud, "offload_ratio": cost.offload_ratio(meta["num_layers"]),
                        "cost_params": dataclasses.asdict(cost),
                        "complete": len(summary.results) >= expected, "logs": str(logs),
-                       "metrics_ports": metrics_ports, "dashboard": monitor.url if monitor else None})
+                       "metrics_ports": metrics_ports, "restarts": restarts,
+                       "dashboard": monitor.url if monitor else None})
         _print_summary(result)
         if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +291,38 @@ def cmd_demo(args) -> int:
             redis.stop()
         if broker:
             broker.stop()
+
+
+#: Restarts of one worker (exit code 3: Kafka or Redis unreachable past the outage timeout) or of the
+#: embedded broker before the demo gives up.
+MAX_RESTARTS = 5
+
+
+def _supervise(procs: dict, commands: dict, broker, topics: Topics, partitions: int, restarts: dict,
+               logs: Path) -> None:
+    """The demo is the supervisor of what it started: an embedded broker that died is started again on
+    its port (memory-only, it comes back empty: the topics are created again and the workers re-base
+    their fences, see consumers/worker.py), and a worker that gave up on an outage (exit code 3) is
+    restarted. Any other exit, or too many restarts, ends the demo with the worker's log named."""
+    from stream import kafka as K
+    from stream.errors import InfraError
+    if broker is not None and broker.proc is not None and broker.proc.poll() is not None:
+        restarts["broker"] = restarts.get("broker", 0) + 1
+        if restarts["broker"] > MAX_RESTARTS:
+            raise InfraError(f"the embedded broker died {MAX_RESTARTS + 1} times; see {logs / 'broker.log'}")
+        print(f"exitflow demo: the embedded broker exited (code {broker.proc.returncode}); restarting it empty on "
+              f"{broker.bootstrap}: what it held and no worker had applied yet is lost", file=sys.stderr)
+        broker.start()
+        K.create_topics(broker.bootstrap, topics.all(), partitions)
+    for name, proc in procs.items():
+        if name == "replay" or proc.poll() is None:
+            continue
+        if proc.returncode != 3 or restarts.get(name, 0) >= MAX_RESTARTS:
+            raise InfraError(f"the {name} worker exited with code {proc.returncode}; see {logs / name}.log")
+        restarts[name] = restarts.get(name, 0) + 1
+        print(f"exitflow demo: the {name} worker gave up on an outage (code 3); restart {restarts[name]}",
+              file=sys.stderr)
+        procs[name] = _spawn(commands[name], logs / f"{name}.log")
 
 
 def _open_browser(url: str) -> None:

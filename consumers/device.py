@@ -10,6 +10,8 @@ that made the decision (rebuilt from the spec carried in the record), even after
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import time
 
@@ -22,9 +24,11 @@ from stream.errors import ConfigError, MessageError
 from consumers.records import result_record
 from consumers.runner import ModelRunner
 from consumers.worker import StageWorker, WorkerConfig, dlq_envelope, envelope, part_key, reason_kind
-from policies.base import Exit, Feedback, Observation, Policy, StateView
+from monitoring.drift import HookDetector, HookSettings
+from policies.base import Exit, Feedback, Observation, Policy, StateView, split_namespace
 from policies.control import ActiveSpec, PolicyControl
-from policies.engine import feedback_event, run_device
+from policies.engine import feedback_event, new_epoch, run_device
+from policies.state import epoch_events
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,8 @@ class DeviceWorker(StageWorker):
 
     def __init__(self, config: WorkerConfig, model, default_policy: ActiveSpec, max_len: int = 128,
                  metrics=None, reference: np.ndarray | None = None,
-                 hidden_encoding: str = messages.DEFAULT_HIDDEN_ENCODING) -> None:
+                 hidden_encoding: str = messages.DEFAULT_HIDDEN_ENCODING,
+                 drift_hook: HookSettings | None = None) -> None:
         super().__init__(config, metrics)
         if hidden_encoding not in messages.HIDDEN_ENCODINGS:
             raise ConfigError(f"device worker: hidden encoding must be one of {sorted(messages.HIDDEN_ENCODINGS)}, "
@@ -51,16 +56,51 @@ class DeviceWorker(StageWorker):
         self.policy = self.spec.build(model.num_layers, model.num_classes)
         self._seen_version = self.spec.version
         self._feedback_policies: dict[str, Policy] = {}
+        self._hook_default = drift_hook or HookSettings()   # used while the deployment sets none
+        self._hook_raw: str | None = None
+        self.hook = HookDetector(self._hook_default)
+        self._proposed: collections.deque[str] = collections.deque(maxlen=64)  # epoch starts this worker sent
+        self.policy.epoch = self.control.epoch(self.policy.base_namespace())
         self._announce()
 
     def inputs(self) -> list[str]:
         return [self.topics.samples, self.topics.feedback]
 
-    # -- hot swap at the batch boundary ----------------------------------------------------------
-    def _refresh_policy(self) -> None:
-        version = self.control.version()
-        if version == self._seen_version:
-            return
+    # -- hot swap and epochs at the batch boundary ---------------------------------------------------
+    def _refresh(self) -> None:
+        """One round trip per batch: a new active version, a new epoch of its state, new hook settings."""
+        version, epoch, hook = self.control.watch(self.policy.base_namespace())
+        if version != self._seen_version:
+            self._refresh_policy(version)
+            epoch = self.control.epoch(self.policy.base_namespace())
+        if hook != self._hook_raw:
+            self._hook_raw = hook
+            try:
+                settings = self._hook_default if hook is None else HookSettings.from_dict(json.loads(hook))
+            except (ConfigError, ValueError) as exc:
+                log.error("drift hook settings in Redis are invalid, keeping %s: %s", self.hook.settings.describe(), exc)
+            else:
+                log.info("drift hook: %s", settings.describe())
+                self.hook = HookDetector(settings)
+        if epoch != self.policy.epoch:
+            self._epoch_moved(epoch)
+
+    def _epoch_moved(self, epoch: int) -> None:
+        """The active policy's state is in another epoch now (this worker's detection or another's)."""
+        base = self.policy.base_namespace()
+        events = {e.get("epoch"): e for e in epoch_events(self.redis, base, self.config.redis_prefix)}
+        for k in range(self.policy.epoch + 1, epoch + 1):
+            event = events.get(k, {})
+            mine = event.get("at") in self._proposed
+            log.info("policy %s: epoch %d began at sample %s (%s, %s%s)", self.spec.name, k, event.get("at"),
+                     event.get("reason"), event.get("mode"), ", this worker" if mine else "")
+            if mine and self.metrics:
+                self.metrics.epoch(self.spec.name, str(event.get("reason", "drift")).split(":")[0])
+        self.policy.epoch = epoch
+        self.hook.restart()
+        self._announce()
+
+    def _refresh_policy(self, version: int) -> None:
         self._seen_version = version
         spec = self.control.current()
         try:
@@ -70,6 +110,7 @@ class DeviceWorker(StageWorker):
                       self.spec.name, self.spec.version, exc)
             return
         log.info("policy swap: %s v%d -> %s v%d", self.spec.name, self.spec.version, spec.name, spec.version)
+        policy.epoch = self.control.epoch(policy.base_namespace())
         self.spec, self.policy = spec, policy
         self._announce()
 
@@ -79,7 +120,7 @@ class DeviceWorker(StageWorker):
 
     # -- a batch ---------------------------------------------------------------------------------
     def process(self, records: list) -> list[SampleCommit]:
-        self._refresh_policy()
+        self._refresh()
         samples, feedback, commits = [], [], []
         for record in records:
             kind = "sample" if record.topic == self.topics.samples else "feedback"
@@ -125,6 +166,7 @@ class DeviceWorker(StageWorker):
             lengths = mask.sum(1).tolist()
             final_hidden = runner.hidden
         distances = reference_distance(embeddings, self.reference)
+        detected = self._detect(msgs, distances)
         elapsed_ms = (time.time() - started) * 1000.0
         commits = []
         policy_ref = {"name": self.spec.name, "version": self.spec.version, "ns": ns}
@@ -132,19 +174,47 @@ class DeviceWorker(StageWorker):
             if isinstance(outcome.action, Exit):
                 record_ = result_record(msg, outcome.trace, policy.cost, outcome.probs, outcome.observation.layer,
                                         policy_ref, decision=outcome.observation, latency_device_ms=elapsed_ms,
-                                        stage=self.stage, embedding_distance=distances[i])
+                                        stage=self.stage, embedding_distance=distances[i], ts_device=started)
                 out = envelope(self.topics.results, msg["id"], messages.encode("result", record_))
                 if self.metrics:
                     self.metrics.result(record_)
             else:
-                out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms, distances[i])
+                out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms, distances[i],
+                                    started)
+            updates = encode_updates(ns, outcome.delta)
+            if i == detected:
+                updates.append(self._epoch_start(msg, state).update())
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"device:{msg['id']}",
-                                        updates=encode_updates(ns, outcome.delta), outputs=[out], record=record))
+                                        updates=updates, outputs=[out], record=record))
         if self.metrics:
             self.metrics.latency(elapsed_ms / 1000.0)
         return commits
 
-    def _offload(self, msg: dict, outcome, hidden, elapsed_ms: float, distance: float | None) -> bytes:
+    # -- the drift hook ---------------------------------------------------------------------------
+    def _detect(self, msgs: list[dict], distances: list[float | None]) -> int | None:
+        """Feed the batch's distances to the detector in stream order; the position of the first detection."""
+        if self.reference is None or not self.hook.settings.enabled:
+            return None
+        order = sorted(range(len(msgs)), key=lambda i: (msgs[i].get("seq") is None, msgs[i].get("seq") or 0))
+        found = None
+        for i in order:
+            if self.hook.update(distances[i]) and found is None:
+                found = i
+        return found
+
+    def _epoch_start(self, msg: dict, state: StateView):
+        """The epoch start the detecting sample's commit carries (applied once, with the sample)."""
+        settings = self.hook.settings
+        self._proposed.append(msg["id"])
+        log.info("drift hook: distance shift detected at sample %s (seq %s); starting epoch %d of %s (%s)",
+                 msg["id"], msg.get("seq"), self.policy.epoch + 1, self.policy.base_namespace(), settings.mode)
+        info = {"policy": self.spec.name, "version": self.spec.version, "at": msg["id"], "seq": msg.get("seq"),
+                "source": msg.get("source"), "time": time.time(), "reason": f"drift:distance/{settings.kind}",
+                "mode": settings.mode, "factor": settings.factor if settings.mode == "decay" else None}
+        return new_epoch(self.policy, state, mode=settings.mode, factor=settings.factor, key=msg["id"], info=info)
+
+    def _offload(self, msg: dict, outcome, hidden, elapsed_ms: float, distance: float | None,
+                 started: float) -> bytes:
         action, obs = outcome.action, outcome.observation
         payload = {"id": msg["id"], "source": msg.get("source", ""), "seq": msg.get("seq"),
                    "resume_layer": obs.layer,
@@ -158,7 +228,7 @@ class DeviceWorker(StageWorker):
                              "device_exits": outcome.trace.device_exits, "tier": outcome.trace.tier},
                    "decision": _decision(obs),
                    "embedding_distance": distance,
-                   "ts": msg["ts"], "latency_device_ms": elapsed_ms}
+                   "ts": msg["ts"], "ts_device": started, "latency_device_ms": elapsed_ms}
         if obs.layer == 0:
             payload["text"] = msg["text"]
             if msg.get("text_pair") is not None:
@@ -180,6 +250,9 @@ class DeviceWorker(StageWorker):
                 commits.append(self._reject(record, f"policy of feedback cannot be built: {exc}"))
                 continue
             ns = policy.namespace()
+            decided_in = str(spec.get("ns") or "")
+            if split_namespace(decided_in)[0] == policy.base_namespace():
+                ns = decided_in   # the epoch whose state made the decision learns its reward
             if ns not in views:
                 views[ns] = StateView(self.checkpoint.state(ns))
             try:

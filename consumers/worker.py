@@ -83,6 +83,11 @@ def crash_plan(value: str | None) -> tuple[str, int] | None:
     return point, int(nth or 1)
 
 
+#: A consumer poll (asked to return within ``poll_ms``) still blocked after this long is stuck: the
+#: watchdog ends the process (exit code 3) for its supervisor to restart.
+POLL_STALL_S = 15.0
+
+
 class OutageError(InfraError):
     """Kafka or Redis stayed unreachable past the configured timeout."""
 
@@ -169,6 +174,8 @@ class StageWorker:
         self._consumer = None
         self._producer = None
         self._last_probe = 0.0
+        self._renew = False           # replace the consumer before the next poll (after a broker failure)
+        self._polling_since = 0.0     # when the consumer poll now running began (0: none), for the watchdog
         self._down_since: float | None = None
         self._probe_lock = threading.Lock()
 
@@ -200,12 +207,16 @@ class StageWorker:
         last_data = time.monotonic()
         try:
             while not self._stop.is_set():
+                if self._renew:
+                    self._renew_consumer()
                 self._retry(self._rebalance)
                 if not self._leases.held:
                     time.sleep(self.config.poll_ms / 1000)
                     polled = {}
                 else:
+                    self._polling_since = time.monotonic()
                     polled = self._consumer.poll(timeout_ms=self.config.poll_ms, max_records=self.config.batch_size)
+                    self._polling_since = 0.0
                 records = [r for batch in polled.values() for r in batch if part_key(r) in self._leases.held]
                 if not records:
                     if not self._broker_ok():
@@ -266,20 +277,48 @@ class StageWorker:
                 if self.fence.get(part, -1) != fence:
                     self._seek(_tp(part), part)
 
+    def _renew_consumer(self) -> None:
+        """A fresh consumer on the partitions held, each started again right after its fence.
+
+        After sends failed on a broker that came back (empty), kafka-python's consumer was measured to
+        stay blocked on fetches the new broker never answers; a new one, with every partition's log
+        checked again (:meth:`_check_log`), goes on.
+        """
+        self._renew = False
+        log.warning("%s worker: replacing the consumer after a broker failure", self.stage)
+        try:
+            self._consumer.close()
+        except Exception:
+            log.debug("error closing the old consumer", exc_info=True)
+        self._consumer = K.consumer(self.config.bootstrap, max_poll_records=self.config.batch_size)
+        self._parts_at = 0.0
+        self._verified.clear()
+        held = sorted(self._assigned)
+        self._consumer.assign([_tp(p) for p in held])
+        for part in held:
+            self._seek(_tp(part), part)
+
     def _seek(self, tp, part: str) -> None:
         """Start a partition right after its applied offset (Redis is the record of progress, not Kafka)."""
         self._check_log(part)
         self._consumer.seek(tp, self.fence.get(part, -1) + 1)
 
     def _watchdog(self) -> None:
-        """Exit the process (code 3) once the broker has been unreachable past the outage timeout.
+        """Exit the process (code 3) once the broker has been unreachable past the outage timeout, or
+        once one consumer poll has not returned for ``POLL_STALL_S``.
 
-        kafka-python's poll can block indefinitely when the broker dies mid-fetch, so the main loop
-        cannot be relied on to notice; everything a batch changed is committed atomically or not at
-        all, so leaving abruptly loses nothing.
+        kafka-python's poll can block indefinitely when the broker dies mid-fetch, and stays blocked
+        when it comes back empty (measured: the fetcher waits on a request the new broker never
+        answers), so the main loop cannot be relied on to notice; everything a batch changed is
+        committed atomically or not at all, so leaving abruptly loses nothing, and the supervisor
+        (the demo, compose, systemd) starts a fresh process.
         """
         while not self._stop.wait(1.0):
-            if not self._broker_ok():
+            stalled = self._polling_since and time.monotonic() - self._polling_since > POLL_STALL_S
+            if stalled:
+                log.error("%s worker: a Kafka poll has not returned for %.0fs; exiting for the supervisor",
+                          self.stage, time.monotonic() - self._polling_since)
+            if stalled or not self._broker_ok():
                 logging.shutdown()
                 os._exit(3)
 
@@ -431,36 +470,54 @@ class StageWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _publish(self, blobs: list[bytes], renew: bool = True) -> None:
+    def _publish(self, blobs: list[bytes]) -> None:
         """Produce ``blobs`` and wait for the acks; the outbox in Redis keeps them until this returns.
 
         A broker that restarted empty has forgotten the idempotent producer (UnknownProducerIdError, or a
-        fatal InitProducerId): the producer is then replaced once and only the failed sends are repeated.
+        fatal InitProducerId): kafka-python then fails the sends, or leaves them unfinished so that flush
+        only times out. While the broker answers, the producer is replaced and the sends not yet
+        acknowledged are repeated (a repeat is harmless: consumers fence on Redis, not on Kafka);
+        OutageError once nothing got through for the outage timeout.
         """
-        futures = []
-        for blob in blobs:
-            topic, key, value = msgpack.unpackb(blob, raw=False)
-            futures.append(self._producer.send(topic, key=key.encode(), value=value))
-        try:
-            self._producer.flush(timeout=self.config.broker_timeout_s)
-        except Exception as exc:  # KafkaTimeoutError and friends: the outbox stays in Redis for a restart
+        deadline = time.monotonic() + self.config.broker_timeout_s
+        todo, renewals = list(blobs), 0
+        while todo:
+            futures = []
+            for blob in todo:
+                topic, key, value = msgpack.unpackb(blob, raw=False)
+                futures.append(self._producer.send(topic, key=key.encode(), value=value))
+            error: Exception | None = None
+            try:
+                self._producer.flush(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+            except Exception as exc:  # KafkaTimeoutError and friends: the outbox stays in Redis for a restart
+                error = exc
+            left = [(blob, fut) for blob, fut in zip(todo, futures) if not fut.is_done or fut.failed()]
+            if not left:
+                return
             if self.metrics:
                 self.metrics.broker_error()
-            raise OutageError(f"could not publish to Kafka at {self.config.bootstrap} within "
-                              f"{self.config.broker_timeout_s:.0f}s: {exc}") from None
-        failed = [(blob, fut) for blob, fut in zip(blobs, futures) if fut.failed()]
-        if not failed:
-            return
-        if renew:
-            log.warning("%s worker: %d of %d sends failed (%s); replacing the producer and sending them again",
-                        self.stage, len(failed), len(blobs), failed[0][1].exception)
+            error = error or left[0][1].exception
+            if time.monotonic() > deadline:
+                raise OutageError(f"could not publish to Kafka at {self.config.bootstrap} within "
+                                  f"{self.config.broker_timeout_s:.0f}s: {error}")
+            renewals += 1
+            self._renew = True                      # the consumer is likely wedged the same way
+            log.warning("%s worker: %d of %d sends not acknowledged (%s); replacing the producer and sending them "
+                        "again (%d)", self.stage, len(left), len(todo), error, renewals)
             try:
-                self._producer.close(timeout=5)
+                self._producer.close(timeout=1)
             except Exception:  # a producer in a fatal state may refuse to close cleanly
                 log.debug("error closing the old producer", exc_info=True)
-            self._producer = K.producer(self.config.bootstrap)
-            return self._publish([blob for blob, _ in failed], renew=False)
-        raise OutageError(f"could not publish to Kafka at {self.config.bootstrap}: {failed[0][1].exception}")
+            todo = [blob for blob, _ in left]
+            while True:
+                time.sleep(min(0.5 * renewals, 3.0))
+                try:
+                    self._producer = K.producer(self.config.bootstrap)
+                    break
+                except InfraError as exc:        # the broker is not back yet
+                    if time.monotonic() > deadline:
+                        raise OutageError(f"could not publish to Kafka at {self.config.bootstrap} within "
+                                          f"{self.config.broker_timeout_s:.0f}s: {exc}") from None
 
     # -- the offset fence against a broker that comes back empty --------------------------------
     def _check_log(self, part: str) -> None:

@@ -63,6 +63,7 @@ class Aggregate:
         self.namespaces: dict[str, str] = {}   # policy name → namespace of its latest result
         self.active: dict[str, Any] | None = None
         self.arms: dict[str, Any] | None = None
+        self.epochs: list[dict[str, Any]] = []   # epoch starts of the policies' state (Redis), oldest first
         self.kafka: dict[str, Any] = {"connected": False, "error": None, "lag": 0}
         self.redis: dict[str, Any] = {"connected": None, "error": None}
 
@@ -140,6 +141,18 @@ class Aggregate:
     def set_arms(self, arms: dict[str, Any] | None) -> None:
         with self.lock:
             self.arms = arms
+
+    def set_epochs(self, events: list[dict[str, Any]]) -> None:
+        """The latest epoch starts (drift-hook resets and decays) as Redis lists them."""
+        with self.lock:
+            self.epochs = list(events)
+
+    def current_epochs(self) -> dict[str, int]:
+        """Policy name → the epoch its newest namespace with epochs is in (call under the lock)."""
+        out: dict[str, int] = {}
+        for e in self.epochs:
+            out[str(e.get("policy"))] = int(e.get("epoch") or 0)
+        return out
 
     def _track_policy(self, rec: dict[str, Any], ts: float) -> None:
         policy = rec.get("policy") or {}
@@ -237,6 +250,7 @@ class Aggregate:
                 "policy": {"active": self.active, "swaps": list(self.swaps), "control_swaps": list(self.control_swaps), "results_by_policy": dict(self.policies),
                            "namespaces": dict(self.namespaces)},
                 "arms": self.arms,
+                "epochs": {"total": len(self.epochs), "events": list(self.epochs), "current": self.current_epochs()},
                 "drift": {"total": self.drift.total, "events": [e.as_dict() for e in self.drift.events]},
                 "series": series,
                 "kafka": dict(self.kafka),

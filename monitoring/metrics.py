@@ -33,6 +33,7 @@ DLQ_REASONS = ("decode", "schema", "size", "tensor", "duplicate", "policy", "mod
 # Longer kinds some callers pass, folded onto the short ones (anything else becomes "other").
 DLQ_ALIASES = {"could_not_decode": "decode", "schema_version": "schema", "lacks_required": "schema",
                "must_be": "schema", "empty": "schema", "exceeds_the_limit": "size"}
+EPOCH_REASONS = ("drift", "manual")
 MAX_LAYER_LABEL = 48  # exit layers above this are reported as "other" (keeps the label set bounded)
 MAX_POLICY_LABELS = 32  # distinct policy names per registry; more are reported as "other"
 
@@ -84,6 +85,9 @@ class _Families:
                                "log was a new one (an empty broker restart)", ["stage"], **r)
         self.broker_lost = Counter("broker_lost_records", "Records the broker held but lost before any worker "
                                    "applied them (seen in its log, gone after an empty restart)", ["stage"], **r)
+        self.epochs = Counter("policy_epochs", "New epochs of a policy's learned state this worker began (drift "
+                              "hook: reset or decay); summed over the device workers, each epoch counts once",
+                              ["stage", "policy", "reason"], **r)
         self.batch = Histogram("batch_records", "Records per processed batch", ["stage"],
                                buckets=BATCH_BUCKETS, **r)
         self.policies: set[str] = set()
@@ -246,6 +250,11 @@ class StageMetrics:
         self._f.rebases.labels(self.stage).inc()
         if lost:
             self._f.broker_lost.labels(self.stage).inc(lost)
+
+    def epoch(self, policy: str, reason: str) -> None:
+        """This worker began a new epoch of ``policy``'s state; ``reason`` is short and bounded (``drift``)."""
+        label = self._policy(policy)[0]
+        self._f.epochs.labels(self.stage, label, reason if reason in EPOCH_REASONS else "other").inc()
 
     def batch(self, size: int) -> None:
         """Size of one processed batch."""

@@ -78,6 +78,12 @@ class _Collector:
                 if value is not None:
                     acc.add_metric([str(w)], value)
             yield acc
+            epochs = GaugeMetricFamily("exitflow_policy_epoch", "Epoch the policy's learned state is in (starts "
+                                       "with 0; the drift hook begins a new one on a detected shift)",
+                                       labels=["policy"])
+            for name, epoch in a.current_epochs().items():
+                epochs.add_metric([name], epoch)
+            yield epochs
             if a.last_ts is not None:
                 yield GaugeMetricFamily("exitflow_monitor_last_result_timestamp_seconds",
                                         "Time the newest result was written", value=a.last_ts)
@@ -345,6 +351,7 @@ class Monitor:
                                                 {a["arm"]: a["value"] for a in arms if a["value"] is not None})
                 else:
                     agg.set_arms(None)
+                agg.set_epochs(control.epoch_events(limit=100))
                 with agg.lock:
                     agg.redis.update(connected=True, error=None)
             except Exception as exc:
@@ -419,6 +426,8 @@ def _make_server(monitor: Monitor) -> _Server:
                 return self._json(monitor.summary(series_s))
             if path == "/api/events":
                 return self._json(monitor.summary(10)["drift"])
+            if path == "/api/epochs":
+                return self._json(monitor.summary(10)["epochs"])
             if path == "/metrics":
                 return self._send(HTTPStatus.OK, generate_latest(monitor.registry),
                                   "text/plain; version=0.0.4; charset=utf-8")

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Union
 
@@ -34,6 +36,30 @@ from stream.errors import ConfigError
 ExitMode = Literal["last", "each"]
 Value = Union[float, np.ndarray]
 Delta = dict[str, Value]
+
+log = logging.getLogger(__name__)
+
+#: Separates a namespace from its epoch: ``splitee:ab12cd34ef56@2`` is epoch 2 of ``splitee:ab12cd34ef56``.
+EPOCH_SEP = "@"
+
+
+def epoch_namespace(base: str, epoch: int) -> str:
+    """The namespace of ``epoch`` of a policy's state; epoch 0 is the bare namespace (state kept before epochs).
+
+    >>> epoch_namespace("splitee:0123456789ab", 0), epoch_namespace("splitee:0123456789ab", 2)
+    ('splitee:0123456789ab', 'splitee:0123456789ab@2')
+    """
+    return base if epoch == 0 else f"{base}{EPOCH_SEP}{int(epoch)}"
+
+
+def split_namespace(ns: str) -> tuple[str, int]:
+    """``(base namespace, epoch)`` of a namespace written by :func:`epoch_namespace`.
+
+    >>> split_namespace("splitee:0123456789ab@2"), split_namespace("splitee:0123456789ab")
+    (('splitee:0123456789ab', 2), ('splitee:0123456789ab', 0))
+    """
+    base, sep, tail = ns.rpartition(EPOCH_SEP)
+    return (base, int(tail)) if sep and tail.isdigit() else (ns, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +225,8 @@ class Policy:
     offline_only: ClassVar[bool] = False
     #: Settings every policy accepts besides its own.
     common_params: ClassVar[tuple[str, ...]] = ("seed",)
+    #: Which epoch of its learned state the policy reads and writes (0: the first; see :func:`epoch_namespace`).
+    epoch: int = 0
 
     def __init__(self, *, cost: CostModel, num_layers: int, num_classes: int = 2, seed: int = 0) -> None:
         if num_layers < 1:
@@ -241,15 +269,37 @@ class Policy:
             raise ConfigError(f"policy {self.name!r}: {key} must be in {bounds}, got {value!r}")
         return out
 
-    def namespace(self) -> str:
-        """``name:hash(params, cost model, shape)``: the key under which this policy's state is kept."""
-        cached = self.__dict__.get("_namespace")
+    def base_namespace(self) -> str:
+        """``name:hash(params, cost model, shape)``: what identifies this policy's state across epochs."""
+        cached = self.__dict__.get("_base_namespace")
         if cached is None:
             blob = json.dumps({"params": self.params(), "cost": dataclasses.asdict(self.cost),
                                "layers": self.num_layers, "classes": self.num_classes},
                               sort_keys=True, default=str)
-            cached = self._namespace = f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+            cached = self._base_namespace = f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
         return cached
+
+    def namespace(self) -> str:
+        """The key under which this policy's state is kept in its current ``epoch`` (see :func:`epoch_namespace`)."""
+        return epoch_namespace(self.base_namespace(), self.epoch)
+
+    def drift_delta(self, state: "StateView") -> Delta:
+        """The policy's own reaction to a detected shift: what ``on_drift(state)`` returns when the policy
+        defines it (e.g. a cut that makes its time buckets before now ignored), else ``{}``.
+
+        A new epoch then starts as a copy of the old one plus this delta (the policy forgets by itself);
+        with ``{}`` it starts the store's default way, empty (``reset``) or ``factor`` × the old (``decay``).
+        """
+        hook = getattr(self, "on_drift", None)
+        if not callable(hook):
+            return {}
+        try:
+            inspect.signature(hook).bind(state)
+        except TypeError:
+            log.warning("policy %r: on_drift%s does not take (state); it is not called", self.name,
+                        inspect.signature(hook))
+            return {}
+        return dict(hook(state) or {})
 
     def describe(self, state: Mapping[str, Value]) -> dict[str, Any]:
         """A readable summary of learned ``state`` (``exitflow policy show``); default: the raw numbers."""

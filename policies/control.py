@@ -4,6 +4,11 @@
 writes name, settings, cost model and a new version number in one MULTI. Workers read the small
 ``active`` hash once per batch and rebuild only when the version changed. Learned state is kept per
 namespace (name + parameter hash), so A → B → A resumes A where it stopped.
+
+Epochs: a namespace's state can start over (the device worker's drift hook, :class:`policies.state.EpochStart`).
+``epoch:<ns>`` holds its current epoch ``n`` and the event that began each (``e<k>``); ``epochs`` lists
+the latest events of every namespace for the monitor. The drift hook's settings (``drift_hook``, JSON)
+are one per deployment, so every device worker runs the same detector.
 """
 
 from __future__ import annotations
@@ -97,6 +102,39 @@ class PolicyControl:
         if ":" not in namespace:
             raise ConfigError(f"reset expects a namespace name:hash (see `exitflow policy show`), got {namespace!r}")
         return int(self.redis.delete(f"{self.prefix}state:{namespace}"))
+
+    def epoch(self, namespace: str) -> int:
+        """The current epoch of a base namespace's state (0 before any)."""
+        return int(self.redis.hget(f"{self.prefix}epoch:{namespace}", "n") or 0)
+
+    def epoch_events(self, namespace: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest epoch starts (of every namespace, or of one), oldest first."""
+        if namespace is not None:
+            from policies.state import epoch_events
+            return epoch_events(self.redis, namespace, self.prefix)[-limit:]
+        return [json.loads(raw) for raw in self.redis.lrange(self.prefix + "epochs", -limit, -1)]
+
+    def watch(self, namespace: str) -> tuple[int, int, str | None]:
+        """What a device worker reads once per batch, in one round trip: the active version, the epoch of
+        ``namespace`` and the drift hook's settings (JSON, None when unset)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.key, "version")
+        pipe.hget(f"{self.prefix}epoch:{namespace}", "n")
+        pipe.get(self.prefix + "drift_hook")
+        version, epoch, hook = pipe.execute()
+        return int(version or 0), int(epoch or 0), None if hook is None else hook.decode()
+
+    def drift_hook(self) -> dict[str, Any] | None:
+        """The deployment's drift hook settings as set by :meth:`set_drift_hook` (None: the workers' default)."""
+        raw = self.redis.get(self.prefix + "drift_hook")
+        return None if raw is None else json.loads(raw)
+
+    def set_drift_hook(self, settings: dict[str, Any] | None) -> None:
+        """Set (or with None, clear) the drift hook settings every device worker reads at its next batch."""
+        if settings is None:
+            self.redis.delete(self.prefix + "drift_hook")
+        else:
+            self.redis.set(self.prefix + "drift_hook", json.dumps(settings, sort_keys=True))
 
     def namespaces(self) -> list[str]:
         start = len(self.prefix + "state:")

@@ -20,6 +20,7 @@ from stream.errors import ConfigError
 
 from policies.base import (Action, Continue, Delta, Event, Exit, ExitMode, Feedback, Observation, Offload,
                            Policy, StateView, merge_deltas)
+from policies.state import EpochStart
 
 
 class LayerRunner(Protocol):
@@ -178,3 +179,33 @@ def learn_feedback(policy: Policy, state: StateView, events: list[Event]) -> Non
             raise ConfigError(f"policy {policy.name!r}, sample {event.sample_id!r}: learn_feedback got a "
                               f"{event.stage!r} event")
         state.add(policy.learn(event, state), key=f"feedback:{event.sample_id}")
+
+
+def new_epoch(policy: Policy, state: StateView, *, mode: str = "reset", factor: float = 0.0, key: str = "",
+              info: dict[str, Any] | None = None) -> EpochStart:
+    """The request that begins the next epoch of ``policy``'s learned state (its current one read as ``state``).
+
+    A policy with its own reaction (:meth:`Policy.drift_delta`, e.g. SplitEE's bucket cut) gets a copy of
+    the old epoch plus that delta; any other starts empty (``reset``) or at ``factor`` × the old additive
+    fields (``decay``), computed by the store atomically. ``key``: the detecting sample's id. Hand it to a
+    store's ``start_epoch`` (or, in the device worker, to the batch commit), then read the epoch back.
+
+    >>> from stream.costs import splitee
+    >>> from policies.registry import build
+    >>> from policies.state import MemoryStore
+    >>> p, store = build("splitee", cost=splitee(), num_layers=3), MemoryStore()
+    >>> store.apply(p.namespace(), {"t": 10.0, "n1": 4.0, "s1": 2.0})
+    True
+    >>> store.start_epoch(new_epoch(p, StateView(store.snapshot(p.namespace())), mode="decay", factor=0.5, key="x9"))
+    1
+    >>> p.epoch = store.epoch(p.base_namespace()); p.namespace().endswith("@1"), store.snapshot(p.namespace())
+    (True, {'t': 5.0, 'n1': 2.0, 's1': 1.0})
+    >>> store.start_epoch(new_epoch(p, StateView(), key="x9"))   # the same detection again: refused
+    0
+    """
+    own = policy.drift_delta(state)
+    info = dict(info or {})
+    if own:
+        info["mode"] = "on_drift"
+        return EpochStart(policy.base_namespace(), policy.epoch, "decay", 1.0, key, None, info, add=own)
+    return EpochStart(policy.base_namespace(), policy.epoch, mode, factor, key, None, info)

@@ -20,16 +20,58 @@ False
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
-
+import dataclasses
 import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
-from stream.checkpoint import Checkpointer
+from stream.checkpoint import EPOCH_LUA, Checkpointer
 
-from policies.base import Delta, StateView, Value, merge_deltas
+from policies.base import Delta, StateView, Value, epoch_namespace, merge_deltas, split_namespace
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStart:
+    """A request to begin epoch ``from_epoch + 1`` of the state of ``base`` (a policy's base namespace).
+
+    It applies only while ``base`` is still at ``from_epoch`` (workers that detect one shift together agree
+    on one new epoch) and at most once per ``key`` (the detecting sample's id: a redelivered detection
+    batch starts nothing). The new epoch starts empty (``reset``), as ``seed`` when the policy gives one,
+    or as ``factor`` × every additive field of the old epoch (``decay``). The old epoch stays readable
+    under its namespace. ``info`` is what the event records (policy, reason, sample, seq, time...).
+    """
+
+    base: str
+    from_epoch: int
+    mode: Literal["reset", "decay"] = "reset"
+    factor: float = 0.0
+    key: str = ""
+    seed: Mapping[str, Value] | None = None
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    add: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON the Lua side reads (see ``stream.checkpoint.EPOCH_LUA``)."""
+        out: dict[str, Any] = {"from": int(self.from_epoch), "mode": self.mode, "factor": float(self.factor),
+                               "key": self.key, "info": dict(self.info) or _EMPTY}
+        if self.seed is not None:
+            out["seed"] = {k: _encode_value(v) for k, v in self.seed.items()} or _EMPTY
+        if self.add:
+            out["add"] = {k: repr(float(v)) for k, v in self.add.items()}
+        return out
+
+    def update(self) -> list:
+        """As one ``[ns, field, kind, value]`` update of a batch commit (``stream.checkpoint``)."""
+        return [self.base, "", "e", self.payload()]
+
+
+def _encode_value(value: Value) -> str:
+    if isinstance(value, np.ndarray):
+        return ",".join(repr(float(x)) for x in value.ravel())
+    return repr(float(value))
 
 
 def dedup_key(ns: str, key: str) -> str:
@@ -43,6 +85,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._state: dict[str, dict[str, Value]] = defaultdict(dict)
         self._seen: set[str] = set()
+        self._epochs: dict[str, list[dict[str, Any]]] = {}
 
     def snapshot(self, ns: str) -> dict[str, Value]:
         return {k: (v.copy() if hasattr(v, "copy") else v) for k, v in self._state.get(ns, {}).items()}
@@ -64,6 +107,38 @@ class MemoryStore:
 
     def namespaces(self) -> list[str]:
         return sorted(self._state)
+
+    def epoch(self, base: str) -> int:
+        """The current epoch of ``base``'s state (0 before any)."""
+        return len(self._epochs.get(base, ()))
+
+    def epochs(self, base: str) -> list[dict[str, Any]]:
+        """The events that started each epoch of ``base``, oldest first."""
+        return list(self._epochs.get(base, ()))
+
+    def start_epoch(self, start: EpochStart) -> int:
+        """Begin the next epoch of ``start.base`` (see :class:`EpochStart`); its number, or 0 if refused."""
+        current = self.epoch(start.base)
+        if current != start.from_epoch:
+            return 0
+        if start.key:
+            seen = f"epoch:{start.base}:{start.key}"
+            if seen in self._seen:
+                return 0
+            self._seen.add(seen)
+        old = self._state.get(epoch_namespace(start.base, current), {})
+        new = epoch_namespace(start.base, current + 1)
+        if start.seed is not None:
+            self._state[new] = {k: (v.copy() if hasattr(v, "copy") else float(v)) for k, v in start.seed.items()}
+        elif start.mode == "decay":
+            self._state[new] = {k: v * start.factor for k, v in old.items()}
+        else:
+            self._state[new] = {}
+        for k, v in start.add.items():
+            self._state[new][k] = self._state[new].get(k, 0.0) + float(v)
+        self._epochs.setdefault(start.base, []).append({**start.info, "epoch": current + 1, "from": current,
+                                                        "ns": start.base})
+        return current + 1
 
 
 # Apply the summed deltas of a batch of samples to one namespace, atomically, if none of the samples'
@@ -111,6 +186,8 @@ class RedisStore:
     def __init__(self, redis, prefix: str = "exitflow:", ttl_s: int = 7 * 24 * 3600) -> None:
         self._cp = Checkpointer(redis, group="state", prefix=prefix)
         self._script = redis.register_script(STATE_LUA)
+        self._epoch = redis.register_script(EPOCH_SCRIPT)
+        self.redis = redis
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
 
@@ -141,6 +218,40 @@ class RedisStore:
                 applied[todo[pos]] = False
             todo = [i for k, i in enumerate(todo) if k not in seen]
         return applied
+
+
+    def epoch(self, base: str) -> int:
+        return int(self.redis.hget(f"{self.prefix}epoch:{base}", "n") or 0)
+
+    def epochs(self, base: str) -> list[dict[str, Any]]:
+        return epoch_events(self.redis, base, self.prefix)
+
+    def start_epoch(self, start: EpochStart) -> int:
+        """Begin the next epoch atomically (one Lua call, the same code as the batch commit's)."""
+        return int(self._epoch(keys=[], args=[self.prefix, start.base, json.dumps(start.payload()), self.ttl_s]))
+
+
+EPOCH_SCRIPT = EPOCH_LUA + r"""
+return start_epoch(ARGV[1], ARGV[2], cjson.decode(ARGV[3]), tonumber(ARGV[4]))
+"""
+
+
+def epoch_events(redis, base: str, prefix: str = "exitflow:") -> list[dict[str, Any]]:
+    """The events that started each epoch of ``base`` in Redis, oldest first."""
+    raw = redis.hgetall(f"{prefix}epoch:{base}")
+    events = {}
+    for field, value in raw.items():
+        field = field.decode() if isinstance(field, bytes) else field
+        if field.startswith("e") and field[1:].isdigit():
+            events[int(field[1:])] = json.loads(value)
+    return [events[k] for k in sorted(events)]
+
+
+def epoch_of(store: "MemoryStore | RedisStore", ns: str) -> tuple[str, dict[str, Value]]:
+    """The namespace of the current epoch of ``ns``'s policy and its state (what a reader should look at)."""
+    base, _ = split_namespace(ns)
+    current = epoch_namespace(base, store.epoch(base))
+    return current, store.snapshot(current)
 
 
 class _EmptyObject(dict):

@@ -26,13 +26,59 @@ import numpy as np
 
 Value = float | np.ndarray
 
+# A new epoch of a policy's state (policies/state.py): defined once, used by the batch commit below and by
+# policies.state.RedisStore.start_epoch. ``e`` = {from, mode, factor, key, seed?, add?, info}. Applies only if the
+# namespace's epoch is still ``from`` (several workers detecting one shift agree on one epoch) and, with a
+# key (the detecting sample id), only once per key. The new epoch's hash starts empty (reset), as ``seed``,
+# or as ``factor`` × every field of the old epoch (decay), plus the numbers of ``add``; the old epoch's hash
+# is left as it was.
+EPOCH_LUA = r"""
+local function start_epoch(p, base, e, ttl)
+  local ekey = p .. 'epoch:' .. base
+  local cur = tonumber(redis.call('HGET', ekey, 'n') or '0')
+  if cur ~= tonumber(e.from) then return 0 end
+  if e.key and e.key ~= '' then
+    if not redis.call('SET', p .. 'seen:epoch:' .. base .. ':' .. e.key, '1', 'NX', 'EX', ttl) then return 0 end
+  end
+  local new = cur + 1
+  local src = p .. 'state:' .. base
+  if cur > 0 then src = src .. '@' .. cur end
+  local dst = p .. 'state:' .. base .. '@' .. new
+  redis.call('DEL', dst)
+  if type(e.seed) == 'table' then
+    for f, v in pairs(e.seed) do redis.call('HSET', dst, f, v) end
+  elseif e.mode == 'decay' then
+    local flat = redis.call('HGETALL', src)
+    local factor = tonumber(e.factor)
+    for i = 1, #flat, 2 do
+      local out = {}
+      for x in string.gmatch(flat[i + 1], '[^,]+') do out[#out + 1] = string.format('%.17g', tonumber(x) * factor) end
+      redis.call('HSET', dst, flat[i], table.concat(out, ','))
+    end
+  end
+  if type(e.add) == 'table' then
+    for f, x in pairs(e.add) do redis.call('HINCRBYFLOAT', dst, f, x) end
+  end
+  local info = e.info or {}
+  info.epoch = new
+  info.from = cur
+  info.ns = base
+  local event = cjson.encode(info)
+  redis.call('HSET', ekey, 'n', new, 'e' .. new, event)
+  redis.call('RPUSH', p .. 'epochs', event)
+  redis.call('LTRIM', p .. 'epochs', -1000, -1)
+  return new
+end
+"""
+
 # KEYS: none (all keys derive from the prefix, single-node Redis).
 # ARGV[1]: JSON {prefix, ttl, group, offsets: {"topic:partition": offset}, marks: {"topic:partition": key},
 #                samples: [{id, dedup, part, n_out, updates: [[ns, field, kind, value], ...]}]}
+# An update of kind 'e' starts a new epoch of namespace ``ns`` (EPOCH_LUA), after the batch's deltas.
 # ARGV[2..]: output blobs, n_out per sample in order.
 # Returns the 0-based positions of the samples that were duplicates (nothing applied for them), or {-1}
 # when ARGV[1] names a member that does not hold the lease of every partition (nothing applied at all).
-COMMIT_LUA = r"""
+COMMIT_LUA = EPOCH_LUA + r"""
 local h = cjson.decode(ARGV[1])
 local p = h.prefix
 if h.member and h.member ~= '' then
@@ -42,6 +88,7 @@ if h.member and h.member ~= '' then
   end
 end
 local dups = {}
+local epochs = {}
 local argi = 2
 -- Vector deltas (e.g. DIMEE centroid sums) are summed over the batch's fresh samples first and
 -- written once per field: parsing and formatting a 384-float string per sample would dominate.
@@ -82,6 +129,8 @@ for pos, s in ipairs(h.samples) do
         redis.call('HINCRBYFLOAT', key, u[2], u[4])
       elseif u[3] == 'v' then
         queue_vector(key, u[2], u[4])
+      elseif u[3] == 'e' then
+        table.insert(epochs, u)
       else
         redis.call('HSET', key, u[2], u[4])
       end
@@ -95,6 +144,7 @@ for pos, s in ipairs(h.samples) do
   argi = argi + s.n_out
 end
 for _, acc in pairs(vectors) do flush_vector(acc) end
+for _, u in ipairs(epochs) do start_epoch(p, u[1], u[4], h.ttl) end
 for part, off in pairs(h.offsets) do
   local key = p .. 'offsets:' .. h.group
   local cur = tonumber(redis.call('HGET', key, part) or '-1')

@@ -70,3 +70,46 @@ def test_demo_summary_and_dashboard_agree(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+@pytest.mark.fault
+def test_demo_restarts_its_broker_when_it_dies(tmp_path):
+    """The demo supervises its embedded broker: SIGKILLed mid-stream, it comes back (empty) on its port,
+    the workers re-base their fences and go on; nothing is applied twice and the restart is reported."""
+    import psutil
+
+    from stream.model import MultiExitModel
+    model = tmp_path / "model"
+    MultiExitModel.from_backbone("random:L=3,H=32,A=2,I=64", 2, seed=0).save(model)
+    out = tmp_path / "demo.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "demo", "--model", str(model), "--dataset", "sst2", "--split", "dev",
+         "--limit", "400", "--rate", "25", "--policy", "final-exit", "--json", str(out), "--no-progress",
+         "--no-dashboard", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        broker = None
+        while broker is None and time.monotonic() < deadline and proc.poll() is None:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            replaying = any("replay" in " ".join(k.cmdline()) for k in kids if k.is_running())
+            tansu = [k for k in kids if "--storage-engine" in k.cmdline()]
+            if replaying and tansu:
+                broker = tansu[0]
+            time.sleep(0.5)
+        assert broker is not None, "the demo never started its broker and replay"
+        time.sleep(5.0)                    # ≈ 125 samples into the stream
+        broker.kill()
+        output, _ = proc.communicate(timeout=180)
+        text = output.decode(errors="replace")
+        assert out.exists(), text[-3000:]
+        summary = json.loads(out.read_text())
+        print(f"\n[fault] demo broker restart: processed={summary['processed']} restarts={summary['restarts']} "
+              f"duplicates={summary['duplicates']}")
+        assert "restarting it empty" in text, text[-2000:]
+        assert summary["restarts"].get("broker") == 1
+        assert summary["duplicates"] == 0
+        assert summary["processed"] > 150, "the stream did not go on after the broker came back"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

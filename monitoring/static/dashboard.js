@@ -2,7 +2,7 @@
 "use strict";
 
 const COLORS = { device: "#3fb68b", edge: "#e0a53b", cloud: "#8a7dff", line: "#4fa3ff", grid: "#2a3540",
-                 text: "#8b98a5", drift: "#ff5c5c", swap: "#4fa3ff" };
+                 text: "#8b98a5", drift: "#ff5c5c", swap: "#4fa3ff", epoch: "#ffd84f" };
 const TIERS = ["device", "edge", "cloud"];
 const $ = (id) => document.getElementById(id);
 
@@ -50,7 +50,8 @@ function rolling(series, num, den, width) {
   return out;
 }
 
-// A time chart with drift events (red) and policy swaps (blue, dashed) marked on the time axis.
+// A time chart with drift events (red), policy swaps (blue, dashed) and new epochs of the policy state
+// (yellow, dotted) marked on the time axis.
 function lineChart(canvas, points, opts) {
   const { ctx, w, h } = canvasContext(canvas);
   const pad = { l: 44, r: 8, t: 8, b: 18 };
@@ -76,6 +77,11 @@ function lineChart(canvas, points, opts) {
     if (s.time < t0 || s.time > t1) continue;
     ctx.save(); ctx.setLineDash([4, 3]); ctx.strokeStyle = COLORS.swap;
     ctx.beginPath(); ctx.moveTo(x(s.time), pad.t); ctx.lineTo(x(s.time), h - pad.b); ctx.stroke(); ctx.restore();
+  }
+  for (const e of opts.epochs || []) {
+    if (e.time < t0 || e.time > t1) continue;
+    ctx.save(); ctx.setLineDash([2, 2]); ctx.lineWidth = 2; ctx.strokeStyle = COLORS.epoch;
+    ctx.beginPath(); ctx.moveTo(x(e.time), pad.t); ctx.lineTo(x(e.time), h - pad.b); ctx.stroke(); ctx.restore();
   }
   for (const e of opts.events || []) {
     if (e.time < t0 || e.time > t1) continue;
@@ -174,6 +180,12 @@ function render(s) {
   const last = s.drift.events[s.drift.events.length - 1];
   setText("kpi-drift-sub", last ? `last: ${last.signal} (${last.detector}) at seq ${last.seq}` : "none so far");
 
+  const epochs = (s.epochs && s.epochs.events) || [];
+  setText("kpi-epochs", fmtInt(epochs.length), epochs.length);
+  const lastEpoch = epochs[epochs.length - 1];
+  setText("kpi-epochs-sub", lastEpoch ? `last: ${lastEpoch.policy} epoch ${lastEpoch.epoch} at seq ${lastEpoch.seq ?? "?"}`
+    : "no reset so far");
+
   const kafka = s.kafka;
   $("status-dot").className = "dot " + (kafka.connected ? "ok" : "bad");
   setText("status-text", !kafka.connected ? `Kafka: ${kafka.error || "connecting"}`
@@ -186,7 +198,7 @@ function render(s) {
   const series = s.series;
   const t1 = series.length ? series[series.length - 1].t : s.time;
   const t0 = Math.min(series.length ? series[0].t : t1 - 60, t1 - 10);
-  const marks = { t0, t1, events: s.drift.events, swaps: s.policy.swaps };
+  const marks = { t0, t1, events: s.drift.events, swaps: s.policy.swaps, epochs };
   // The newest second is still filling: leave it out of the throughput line.
   const done = series.length > 1 ? series.slice(0, -1) : series;
   lineChart($("chart-throughput"), done.map((p) => ({ t: p.t, v: p.n })), { ...marks, min: 0, fmt: (v) => fmt(v, 0) });
@@ -204,6 +216,10 @@ function render(s) {
   const lines = active
     ? [`${active.name} — version ${active.version}`, `settings: ${JSON.stringify(active.params)}`, `cost model: ${active.cost_line || active.cost}`]
     : ["no active policy in Redis (pass --redis-url); from results: " + (seen.join(", ") || "–")];
+  if (active && s.epochs && s.epochs.current[active.name] !== undefined) {
+    const e = epochs.filter((x) => x.policy === active.name).pop();
+    lines.push(`state epoch ${s.epochs.current[active.name]}` + (e ? ` since sample ${e.at} (${e.mode})` : ""));
+  }
   for (const text of lines) { const div = document.createElement("div"); div.textContent = text; pol.appendChild(div); }
   // Swaps as the results show them (first sample decided by the new version) and as control set them.
   const swaps = s.policy.swaps.map((w) => ({ ...w, via: `results from seq ${w.seq ?? "?"}` }))
@@ -216,6 +232,9 @@ function render(s) {
   armBars($("chart-arms"), arms);
   rows("#arms tbody", arms, (a) => [a.arm, fmt(a.pulls, 0) + (a.pending ? ` (+${fmt(a.pending, 0)} pending)` : ""),
                                     fmt(a.value, 3)]);
+  rows("#epochs tbody", epochs.slice(-12).reverse(),
+       (e) => [clock(e.time), e.policy, { text: String(e.epoch), cls: "epoch" }, e.at ?? "–", e.seq ?? "–", e.source ?? "–",
+               e.reason ?? "–", e.mode === "decay" ? `decay ×${e.factor}` : (e.mode || "–")]);
   rows("#drift tbody", s.drift.events.slice(-12).reverse(),
        (e) => [clock(e.time), { text: e.signal, cls: "drift" }, e.stratum ?? "–", e.detector, e.seq ?? "–", e.source ?? "–"]);
   rows("#sources tbody", Object.entries(s.sources), ([k, v]) => [k || "(none)", fmtInt(v)]);
