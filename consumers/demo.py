@@ -138,8 +138,6 @@ def _spawn(cmd: list[str], log_path: Path, threads: int = 1) -> subprocess.Popen
 
 
 def cmd_demo(args) -> int:
-    from kafka import TopicPartition
-
     from stream import kafka as K
     from stream.errors import ConfigError, InfraError
     from stream.infra import Broker, RedisServer
@@ -216,10 +214,7 @@ def cmd_demo(args) -> int:
         from stream.costs import preset
         cost = preset(spec.cost, num_layers=meta["num_layers"], **spec.cost_overrides)
         summary = Summary(cost.final_exit_cost(meta["num_layers"]))
-        consumer = K.consumer(bootstrap)
-        tps = [TopicPartition(t, p) for t in (topics.results, topics.labels) for p in range(args.partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
+        consumer, tps = _reader(bootstrap, topics, args.partitions)
         restarts: dict[str, int] = {}
         from tqdm import tqdm
         bar = tqdm(total=expected, desc="demo", unit="sample", disable=args.no_progress)
@@ -228,7 +223,9 @@ def cmd_demo(args) -> int:
         while len(summary.results) < expected:
             if interrupted or time.monotonic() > deadline:
                 break
-            _supervise(procs, commands, broker, topics, args.partitions, restarts, logs)
+            if _supervise(procs, commands, broker, topics, args.partitions, restarts, logs):
+                consumer.close()         # the new log starts at 0, perhaps on more partitions: read it all
+                consumer, tps = _reader(bootstrap, topics, args.partitions)
             if procs["replay"].poll() not in (None, 0):
                 raise InfraError(f"the replay producer failed; see {logs / 'replay.log'}")
             for records in consumer.poll(timeout_ms=200, max_records=2000).values():
@@ -298,12 +295,26 @@ def cmd_demo(args) -> int:
 MAX_RESTARTS = 5
 
 
+def _reader(bootstrap: str, topics: Topics, partitions: int):
+    """A consumer of every partition of ``results`` and ``labels``, from the beginning."""
+    from kafka import TopicPartition
+
+    from stream import kafka as K
+    consumer = K.consumer(bootstrap)
+    tps = [TopicPartition(t, p) for t in (topics.results, topics.labels)
+           for p in sorted(consumer.partitions_for_topic(t) or range(partitions))]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    return consumer, tps
+
+
 def _supervise(procs: dict, commands: dict, broker, topics: Topics, partitions: int, restarts: dict,
-               logs: Path) -> None:
+               logs: Path) -> bool:
     """The demo is the supervisor of what it started: an embedded broker that died is started again on
     its port (memory-only, it comes back empty: the topics are created again and the workers re-base
     their fences, see consumers/worker.py), and a worker that gave up on an outage (exit code 3) is
-    restarted. Any other exit, or too many restarts, ends the demo with the worker's log named."""
+    restarted. Any other exit, or too many restarts, ends the demo with the worker's log named.
+    True when the broker was restarted."""
     from stream import kafka as K
     from stream.errors import InfraError
     if broker is not None and broker.proc is not None and broker.proc.poll() is not None:
@@ -314,6 +325,9 @@ def _supervise(procs: dict, commands: dict, broker, topics: Topics, partitions: 
               f"{broker.bootstrap}: what it held and no worker had applied yet is lost", file=sys.stderr)
         broker.start()
         K.create_topics(broker.bootstrap, topics.all(), partitions)
+        restarted = True
+    else:
+        restarted = False
     for name, proc in procs.items():
         if name == "replay" or proc.poll() is None:
             continue
@@ -323,6 +337,7 @@ def _supervise(procs: dict, commands: dict, broker, topics: Topics, partitions: 
         print(f"exitflow demo: the {name} worker gave up on an outage (code 3); restart {restarts[name]}",
               file=sys.stderr)
         procs[name] = _spawn(commands[name], logs / f"{name}.log")
+    return restarted
 
 
 def _open_browser(url: str) -> None:

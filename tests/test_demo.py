@@ -109,7 +109,8 @@ def test_demo_restarts_its_broker_when_it_dies(tmp_path):
         assert "restarting it empty" in text, text[-2000:]
         assert summary["restarts"].get("broker") == 1
         assert summary["duplicates"] == 0
-        assert summary["processed"] > 150, "the stream did not go on after the broker came back"
+        # only what the dead broker held unread is lost (here: none or a few samples); the rest is processed
+        assert summary["processed"] >= 360, "the stream did not go on after the broker came back"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
