@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.live import STAGES, LivePipeline, breakdown, percentiles
+from bench.live import STAGES, LivePipeline, breakdown, percentiles, stream_slice
 from stream.config import default_model_dir, home
 
 
@@ -61,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         capacity = args.capacity
         if capacity is None:
             started = time.time()
-            got = live.run(single(args.dataset, None, args.capacity_samples, True, 100), args.capacity_samples)
+            got = live.run(stream_slice(args.dataset, 0, args.capacity_samples), args.capacity_samples)
             capacity = args.capacity_samples / (max(a for _, a in got) - started)
         print(f"capacity: {capacity:.1f} samples/s ({args.dataset}, batch {args.batch_size}, {spec.name})")
-        for i, load in enumerate(loads):
+        start = args.capacity_samples
+        for load in loads:
             rate = load * capacity
             n = max(20, int(rate * args.seconds))
-            got = live.run(single(args.dataset, None, n, True, 200 + i, rate=rate), n)
+            got = live.run(stream_slice(args.dataset, start, n, rate), n)
+            start += n
             first = min(r["ts_in"] for r, _ in got)
             kept = [(r, a) for r, a in got if r["ts_in"] >= first + args.warmup]
             parts = [breakdown(r, a) for r, a in kept]

@@ -49,6 +49,14 @@ def breakdown(result: dict, arrived: float) -> dict[str, float]:
     return out
 
 
+def stream_slice(dataset: str, start: int, n: int, rate: float = 0.0):
+    """Samples start..start+n of one shuffled order of ``dataset`` (seed 0): slices never share an id,
+    which the device would dead-letter as a duplicate."""
+    from producers.replay import Scenario, Segment
+    return Scenario(f"{dataset}[{start}:{start + n}]", (Segment(dataset, None, n, True, 0, offset=start),), rate,
+                    False)
+
+
 def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
     arr = np.asarray(list(values), dtype=float)
     if not arr.size:
@@ -103,12 +111,15 @@ class Collector:
 
 
 class LivePipeline:
-    """Broker, Redis, one device and one cloud worker (one torch thread each), a policy made active."""
+    """Broker, Redis, one device and one cloud worker (``threads`` torch threads each), a policy made active."""
 
     def __init__(self, model_dir: Path, spec, *, batch_size: int = 32, max_len: int = 128, partitions: int = 1,
-                 logs: Path = Path("artifacts/bench_live_logs"), worker_args: tuple[str, ...] = ()) -> None:
+                 logs: Path = Path("artifacts/bench_live_logs"), worker_args: tuple[str, ...] = (),
+                 threads: int = 1, cloud_threads: int | None = None, clouds: int = 1) -> None:
         self.model_dir, self.spec, self.batch_size, self.max_len = model_dir, spec, batch_size, max_len
         self.partitions, self.logs, self.worker_args = partitions, logs, list(worker_args)
+        self.threads, self.cloud_threads, self.clouds = threads, cloud_threads, clouds
+        self.partitions = max(partitions, clouds)
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "LivePipeline":
@@ -129,11 +140,13 @@ class LivePipeline:
         cmd = [sys.executable, "-m", "stream.cli", "worker"]
         common = ["--model", str(self.model_dir), "--bootstrap", self.broker.bootstrap, "--redis-url",
                   self.redis.url, "--prefix", self.topics.prefix, "--batch-size", str(self.batch_size),
-                  "--max-len", str(self.max_len), "--threads", "1", "--policy", self.spec.name, *self.worker_args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        for stage in ("device", "cloud"):
-            self.procs.append(subprocess.Popen(cmd + [stage] + common, env=env, stdout=subprocess.DEVNULL,
-                                               stderr=open(self.logs / f"{stage}.log", "wb")))
+                  "--max-len", str(self.max_len), "--policy", self.spec.name, *self.worker_args]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
+        for stage in ["device"] + ["cloud"] * self.clouds:
+            threads = str(self.cloud_threads if stage == "cloud" and self.cloud_threads else self.threads)
+            self.procs.append(subprocess.Popen(cmd + [stage] + common + ["--threads", threads],
+                                               env={**env, "OMP_NUM_THREADS": threads}, stdout=subprocess.DEVNULL,
+                                               stderr=open(self.logs / f"{stage}{len(self.procs)}.log", "wb")))
         self.collector = Collector(self.broker.bootstrap, self.topics.results)
         return self
 
@@ -148,9 +161,9 @@ class LivePipeline:
         self.send(scenario, n)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for proc, stage in zip(self.procs, ("device", "cloud")):
+            for i, (proc, stage) in enumerate(zip(self.procs, ["device"] + ["cloud"] * self.clouds)):
                 if proc.poll() is not None:
-                    tail = (self.logs / f"{stage}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    tail = (self.logs / f"{stage}{i}.log").read_text(errors="replace").strip().splitlines()[-3:]
                     raise RuntimeError(f"the {stage} worker exited with code {proc.returncode}: " + " | ".join(tail))
             fresh = self.collector.results[before:]
             if len({r["id"] for r, _ in fresh if r["id"] not in seen_before}) >= n:

@@ -26,19 +26,30 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.live import LivePipeline
+from bench.live import LivePipeline, stream_slice
 from stream.config import default_model_dir, home
 
 
-def live_run(model_dir: Path, spec, texts_scenario, n: int, batch_size: int, max_len: int, logs: Path):
+def live_run(model_dir: Path, spec, texts_scenario, n: int, batch_size: int, max_len: int, logs: Path,
+             threads: int = 1, cloud_threads: int | None = None, clouds: int = 1):
     from producers.replay import single
-    with LivePipeline(model_dir, spec, batch_size=batch_size, max_len=max_len, logs=logs) as live:
+    with LivePipeline(model_dir, spec, batch_size=batch_size, max_len=max_len, logs=logs, threads=threads,
+                      cloud_threads=cloud_threads, clouds=clouds) as live:
         live.run(single("sst2", "dev", 64, True, 1), 64, timeout=300)
         started = time.time()
         got = live.run(texts_scenario, n)
     fresh = {r["id"]: (r, a) for r, a in got}
     last = max(a for _, a in fresh.values())
-    return n / (last - started), [r for r, _ in fresh.values()]
+    results = [r for r, _ in fresh.values()]
+    return n / (last - started), results, busy(results, last - started)
+
+
+def busy(results: list[dict], wall_s: float) -> dict[str, float]:
+    """Share of the wall time each stage spent computing batches (a batch counted once, by its start)."""
+    device = {r["ts_device"]: r["latency_ms"]["device"] for r in results if r.get("ts_device") is not None}
+    remote = {r["ts_remote"]: r["latency_ms"]["remote"] for r in results if r.get("ts_remote") is not None}
+    return {"device": sum(device.values()) / 1000.0 / wall_s, "cloud": sum(remote.values()) / 1000.0 / wall_s,
+            "device_batches": len(device), "cloud_batches": len(remote)}
 
 
 def raw_run(model, texts: list[str], depths: list[tuple[int, int]], batch_size: int, max_len: int) -> float:
@@ -68,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    ap.add_argument("--clouds", type=int, default=1, help="cloud worker processes (inputs get as many partitions)")
+    ap.add_argument("--cloud-threads", type=int, default=None, help="torch threads of the cloud worker "
+                    "(default: --threads)")
     ap.add_argument("--set", action="append", default=[], help="splitee setting KEY=VALUE (default: the make-run "
                     "splitee, α calibrated on SST-2 dev, then learned online)")
     ap.add_argument("--json", type=Path, default=Path("artifacts/bench_speedup.json"), dest="out")
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from policies.control import ActiveSpec
     from policies.registry import parse_sets
-    from producers.replay import iter_samples, single
+    from producers.replay import iter_samples
     from stream.model import MultiExitModel
 
     model_dir = args.model or default_model_dir()
@@ -88,16 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     calibration = home() / "calibration" / "splitee.json"
     if not params and calibration.is_file():
         params = {"calibration": str(calibration)}
-    stream = single(args.dataset, None, args.samples, True, 0)
+    stream = stream_slice(args.dataset, 0, args.samples)
     texts = {s["id"]: s["text"] for s, _ in iter_samples(stream)}
     logs = Path("artifacts/bench_speedup_logs")
 
-    final_sps, _ = live_run(model_dir, ActiveSpec("final-exit", {}, "splitee"), stream, args.samples,
-                            args.batch_size, args.max_len, logs / "final-exit")
-    print(f"live final-exit: {final_sps:.1f} samples/s", flush=True)
-    split_sps, results = live_run(model_dir, ActiveSpec("splitee", params, "splitee"), stream, args.samples,
-                                  args.batch_size, args.max_len, logs / "splitee")
-    print(f"live splitee: {split_sps:.1f} samples/s", flush=True)
+    final_sps, _, final_busy = live_run(model_dir, ActiveSpec("final-exit", {}, "splitee"), stream, args.samples,
+                            args.batch_size, args.max_len, logs / "final-exit", args.threads)
+    print(f"live final-exit: {final_sps:.1f} samples/s (busy: device {final_busy['device']:.2f})", flush=True)
+    split_sps, results, split_busy = live_run(model_dir, ActiveSpec("splitee", params, "splitee"), stream, args.samples,
+                                  args.batch_size, args.max_len, logs / "splitee", args.threads,
+                                              args.cloud_threads, args.clouds)
+    print(f"live splitee: {split_sps:.1f} samples/s (busy: device {split_busy['device']:.2f}, "
+          f"cloud {split_busy['cloud']:.2f})", flush=True)
 
     model = MultiExitModel.load(model_dir)
     L = model.num_layers
@@ -111,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     fraction = sum(t for _, t in depths) / (len(depths) * L)
     offload = sum(r["tier"] != "device" for r in results) / len(results)
     result = {"dataset": args.dataset, "samples": args.samples, "batch_size": args.batch_size,
-              "max_len": args.max_len, "splitee_params": params,
+              "max_len": args.max_len, "threads_per_worker": args.threads, "cloud_threads": args.cloud_threads, "clouds": args.clouds, "splitee_params": params,
               "final_exit_samples_per_s": final_sps, "splitee_samples_per_s": split_sps,
               "raw_same_mix_samples_per_s": raw_sps, "raw_full_samples_per_s": raw_full,
               "splitee_vs_final_exit": split_sps / final_sps, "pipeline_vs_raw": split_sps / raw_sps,
               "final_exit_vs_raw_full": final_sps / raw_full,
-              "layer_fraction": fraction, "offload_rate": offload,
+              "busy": {"final-exit": final_busy, "splitee": split_busy}, "layer_fraction": fraction, "offload_rate": offload,
               "cost_ratio": sum(r["cost"]["total"] for r in results) / (len(results) * L)}
     print(f"raw model, same layer mix: {raw_sps:.1f} samples/s; raw full pass: {raw_full:.1f} samples/s\n"
           f"splitee / final-exit = {result['splitee_vs_final_exit']:.2f}x (layers run {fraction:.2f} of L, "
