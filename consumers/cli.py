@@ -86,6 +86,25 @@ def load_model(path: Path | None, threads: int):
     return MultiExitModel.load(path or default_model_dir())
 
 
+def warm_up(model, max_len: int, batch_size: int) -> float:
+    """One forward pass through every layer and exit on a few batch shapes, before the first record.
+
+    torch's first calls at a new shape allocate and pick kernels; without this, the first batches of a
+    fresh worker run several times slower and land in the latency tail. Returns the seconds it took.
+    """
+    import time
+
+    import torch
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for n, length in ((1, 16), (min(batch_size, 8), max_len // 2), (batch_size, max_len)):
+            batch = model.tokenize(["warm up " * length] * n, max_len=max_len)
+            model.embed(batch)
+            hidden, mask = model.start(batch)
+            model.run(hidden, mask, 0, model.num_layers, "each")
+    return time.perf_counter() - started
+
+
 def stage_metrics(stage: str, port: int | None, host: str):
     """The stage's Prometheus metrics, served on ``port`` when given (None if monitoring is absent)."""
     try:
@@ -111,6 +130,7 @@ def cmd_worker(args) -> int:
                           metrics_host=args.metrics_host, broker_timeout_s=args.outage_timeout, lease_s=args.lease_timeout,
                           exit_process_on_outage=True)
     model = load_model(args.model, args.threads)
+    warm_s = warm_up(model, args.max_len, args.batch_size)     # before the metrics port says "ready"
     metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)
     if args.stage == "device":
         from consumers.device import DeviceWorker, reference_centroids
@@ -120,6 +140,6 @@ def cmd_worker(args) -> int:
     else:
         from consumers.remote import RemoteWorker
         worker = RemoteWorker(config, model, args.stage, max_len=args.max_len, metrics=metrics)
-    log.info("%s worker pid %d ready (model %s, %d layers)", args.stage, os.getpid(),
-             getattr(model, "path", args.model), model.num_layers)
+    log.info("%s worker pid %d ready (model %s, %d layers, warmed up in %.1fs)", args.stage, os.getpid(),
+             getattr(model, "path", args.model), model.num_layers, warm_s)
     return worker.run()
