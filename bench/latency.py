@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from bench.live import STAGES, LivePipeline, breakdown, percentiles, stream_slice
-from stream.config import default_model_dir, home
+from bench.live import STAGES, LivePipeline, breakdown, percentiles, setup, stream_slice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,17 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from policies.control import ActiveSpec
-    from policies.registry import parse_sets
     from producers.replay import single
 
-    model_dir = args.model or default_model_dir()
-    if not (model_dir / "exitflow_model.json").is_file():
-        print(f"bench latency: no model at {model_dir}; run `exitflow model prepare` first", file=sys.stderr)
+    model_dir, params = setup("latency", args.model, args.set, args.policy)
+    if model_dir is None:
         return 1
-    params = parse_sets(args.set)
-    calibration = home() / "calibration" / "splitee.json"
-    if not params and args.policy == "splitee" and calibration.is_file():
-        params = {"calibration": str(calibration)}
     spec = ActiveSpec(args.policy, params, "splitee")
     loads = [float(x) for x in args.loads.split(",")]
     rows = []

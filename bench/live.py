@@ -49,6 +49,24 @@ def breakdown(result: dict, arrived: float) -> dict[str, float]:
     return out
 
 
+def setup(bench: str, model: Path | None, sets: list[str], policy: str = "splitee") -> tuple[Path | None, dict]:
+    """The model directory (None, said on stderr, when it is not prepared) and the policy's settings:
+    ``--set`` ones, else for splitee the start α calibrated by ``make run`` (SST-2 dev), when present."""
+    import sys
+
+    from policies.registry import parse_sets
+    from stream.config import default_model_dir, home
+    model_dir = model or default_model_dir()
+    if not (model_dir / "exitflow_model.json").is_file():
+        print(f"bench {bench}: no model at {model_dir}; run `exitflow model prepare` first", file=sys.stderr)
+        return None, {}
+    params = parse_sets(sets)
+    calibration = home() / "calibration" / "splitee.json"
+    if not params and policy == "splitee" and calibration.is_file():
+        params = {"calibration": str(calibration)}
+    return model_dir, params
+
+
 def stream_slice(dataset: str, start: int, n: int, rate: float = 0.0):
     """Samples start..start+n of one shuffled order of ``dataset`` (seed 0): slices never share an id,
     which the device would dead-letter as a duplicate."""

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.live import LivePipeline, stream_slice
-from stream.config import default_model_dir, home
+from bench.live import LivePipeline, setup, stream_slice
 
 
 def live_run(model_dir: Path, spec, texts_scenario, n: int, batch_size: int, max_len: int, logs: Path,
@@ -91,18 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from policies.control import ActiveSpec
-    from policies.registry import parse_sets
     from producers.replay import iter_samples
     from stream.model import MultiExitModel
 
-    model_dir = args.model or default_model_dir()
-    if not (model_dir / "exitflow_model.json").is_file():
-        print(f"bench speedup: no model at {model_dir}; run `exitflow model prepare` first", file=sys.stderr)
+    model_dir, params = setup("speedup", args.model, args.set)
+    if model_dir is None:
         return 1
-    params = parse_sets(args.set)
-    calibration = home() / "calibration" / "splitee.json"
-    if not params and calibration.is_file():
-        params = {"calibration": str(calibration)}
     stream = stream_slice(args.dataset, 0, args.samples)
     texts = {s["id"]: s["text"] for s, _ in iter_samples(stream)}
     logs = Path("artifacts/bench_speedup_logs")
