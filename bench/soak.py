@@ -13,7 +13,8 @@ restart (AOF), each kind once per round of three in a random order, and the midd
 embedded broker empty on its port, recreates the topics and replays the tail (every sample without a result yet). A sample applied but whose result sat
 unread in the broker's memory comes back as a duplicate: the device dead-letters it and the report counts
 it as "lost with the broker", apart from lost. Recovery is reported per fault kind, and the final policy
-state is checked for its invariants (t = samples applied once, Σ n_i = t, no pending pull). An equal-state
+state is checked for its invariants (t = samples applied once, Σ n_i + expired = t, no pending pull:
+pulls whose feedback was lost with the broker expire after ``--pending-timeout``). An equal-state
 comparison with an uninterrupted run is not made: with two partitions, offload feedback and the online α,
 the state depends on the interleaving, not only on the stream.
 """
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: a small random model)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pending-timeout", type=float, default=20.0,
+                    help="the device's pending timeout (s): pulls whose feedback was lost expire after it")
     ap.add_argument("--chaos", action="store_true", help="also Redis kill -9 and one empty broker restart")
     ap.add_argument("--out", type=Path, default=None, help="JSON report (default artifacts/bench_soak[_chaos].json)")
     args = ap.parse_args(argv)
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "stream.cli", "worker", stage, "--model", str(model_dir), "--bootstrap",
                    broker.bootstrap, "--redis-url", redis.url, "--prefix", prefix, "--batch-size",
                    str(args.batch_size), "--max-len", "64", "--policy", "splitee", "--set", "alpha=0.6"]
+            if stage == "device":
+                cmd += ["--pending-timeout", str(args.pending_timeout)]
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"{stage}.log", "ab"),
                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
@@ -187,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         from stream.checkpoint import Checkpointer
         client = redis.client()
         states = {ns: Checkpointer(client, "x").state(ns) for ns in PolicyControl(client).namespaces()}
+        expired = Checkpointer(client, "x").expired()
     by_kind: dict[str, list[float]] = {}
     for rec in recoveries:
         by_kind.setdefault(rec["kind"], []).append(round(rec["s"], 1))
     invariants = {ns: {"t": st.get("t"), "sum_n": sum(v for k, v in st.items() if k[:1] == "n" and k[1:].isdigit()),
-                       "pending": sum(v for k, v in st.items() if k[:1] == "p" and k[1:].isdigit())}
+                       "pending": sum(v for k, v in st.items() if k[:1] == "p" and k[1:].isdigit()),
+                       "expired": expired.get(ns, 0)}
                   for ns, st in states.items()}
     result = {
         "samples": args.samples, "results": len(seen),

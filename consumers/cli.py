@@ -27,6 +27,9 @@ def add_policy_args(p) -> None:
     p.add_argument("--layer-ms", type=float, default=None,
                    help="ms per sample of one device layer for --link (default: stream.costs.DEFAULT_LAYER_MS, "
                    "measured by `python -m bench model`)")
+    p.add_argument("--pending-timeout", type=float, default=None, metavar="S",
+                   help="device: expire an offloaded pull whose feedback has not come after S seconds (its pending "
+                   "count undone once; 0: never; default consumers.device.PENDING_TIMEOUT_S = 600)")
     p.add_argument("--hidden-encoding", choices=sorted(HIDDEN_ENCODINGS),
                    default=os.environ.get("EXITFLOW_HIDDEN_ENCODING", DEFAULT_HIDDEN_ENCODING),
                    help="how the device sends an offload's hidden state: int8 per token or float16 "
@@ -136,7 +139,8 @@ def cmd_worker(args) -> int:
         from consumers.device import DeviceWorker, reference_centroids
         reference = reference_centroids(args.reference) if args.reference else None
         worker = DeviceWorker(config, model, policy_spec(args, model.hidden_size), max_len=args.max_len,
-                              metrics=metrics, reference=reference, hidden_encoding=args.hidden_encoding)
+                              metrics=metrics, reference=reference, hidden_encoding=args.hidden_encoding,
+                              **({} if args.pending_timeout is None else {"pending_timeout_s": args.pending_timeout}))
     else:
         from consumers.remote import RemoteWorker
         worker = RemoteWorker(config, model, args.stage, max_len=args.max_len, metrics=metrics)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from stream import messages
-from stream.checkpoint import SampleCommit, encode_updates
+from stream.checkpoint import SampleCommit, awaiting, encode_updates, resolved
 from stream.errors import ConfigError, MessageError
 
 from consumers.records import result_record
@@ -33,14 +33,26 @@ from policies.state import epoch_events
 log = logging.getLogger(__name__)
 
 
+#: An offloaded pull whose feedback has not come for this long is expired (its pending count undone once):
+#: the feedback was lost, e.g. with a broker that restarted empty. Far above any cloud backlog measured here.
+PENDING_TIMEOUT_S = 600.0
+#: How often a device worker looks for such pulls.
+SWEEP_EVERY_S = 30.0
+
+
 class DeviceWorker(StageWorker):
     stage = "device"
 
     def __init__(self, config: WorkerConfig, model, default_policy: ActiveSpec, max_len: int = 128,
                  metrics=None, reference: np.ndarray | None = None,
                  hidden_encoding: str = messages.DEFAULT_HIDDEN_ENCODING,
-                 drift_hook: HookSettings | None = None) -> None:
+                 drift_hook: HookSettings | None = None, pending_timeout_s: float = PENDING_TIMEOUT_S) -> None:
         super().__init__(config, metrics)
+        if pending_timeout_s < 0:
+            raise ConfigError(f"device worker: pending timeout must be >= 0 seconds (0: never expire), got "
+                              f"{pending_timeout_s!r}")
+        self.pending_timeout_s = float(pending_timeout_s)
+        self._swept_at = time.monotonic()
         if hidden_encoding not in messages.HIDDEN_ENCODINGS:
             raise ConfigError(f"device worker: hidden encoding must be one of {sorted(messages.HIDDEN_ENCODINGS)}, "
                               f"got {hidden_encoding!r}")
@@ -121,6 +133,7 @@ class DeviceWorker(StageWorker):
     # -- a batch ---------------------------------------------------------------------------------
     def process(self, records: list) -> list[SampleCommit]:
         self._refresh()
+        self._sweep()
         samples, feedback, commits = [], [], []
         for record in records:
             kind = "sample" if record.topic == self.topics.samples else "feedback"
@@ -138,6 +151,18 @@ class DeviceWorker(StageWorker):
         if feedback:
             commits += self._learn_feedback(feedback)
         return commits
+
+    def _sweep(self) -> None:
+        """Expire the pulls that have awaited feedback past the pending timeout (at most every 30 s)."""
+        if not self.pending_timeout_s or time.monotonic() - self._swept_at < SWEEP_EVERY_S:
+            return
+        self._swept_at = time.monotonic()
+        expired = self.checkpoint.expire_pending(self.pending_timeout_s, time.time())
+        for ns, n in expired.items():
+            log.warning("device: %d pulls of %s awaited feedback for over %gs; expired (their pending counts "
+                        "undone once; a feedback arriving later is a duplicate)", n, ns, self.pending_timeout_s)
+            if self.metrics:
+                self.metrics.pending_expired(n)
 
     def _reject(self, record, reason: str) -> SampleCommit:
         where = f"{record.topic}[{record.partition}]@{record.offset}"
@@ -182,6 +207,9 @@ class DeviceWorker(StageWorker):
                 out = self._offload(msg, outcome, final_hidden[i, :int(lengths[i])], elapsed_ms, distances[i],
                                     started)
             updates = encode_updates(ns, outcome.delta)
+            undo = policy.expiry(outcome.delta) if not isinstance(outcome.action, Exit) else {}
+            if undo:
+                updates.append(awaiting(ns, msg["id"], undo, started))
             if i == detected:
                 updates.append(self._epoch_start(msg, state).update())
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"device:{msg['id']}",
@@ -269,7 +297,8 @@ class DeviceWorker(StageWorker):
                 continue
             views[ns].add(delta)
             commits.append(SampleCommit(msg["id"], part_key(record), dedup=f"feedback:{ns}:{msg['id']}",
-                                        updates=encode_updates(ns, delta)))
+                                        updates=encode_updates(ns, delta) + [resolved(ns, msg["id"])],
+                                        record=record))   # a duplicate (or expired pull) is dead-lettered
         return commits
 
     def _policy_for(self, spec: dict) -> Policy:

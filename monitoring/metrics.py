@@ -79,6 +79,8 @@ class _Families:
         self.broker_up = Gauge("broker_up", "1 while the Kafka broker answers this stage, 0 while it is down",
                                ["stage"], **r)
         self.broker_errors = Counter("broker_errors", "Errors talking to the Kafka broker", ["stage"], **r)
+        self.expired = Counter("pending_expired", "Offloaded pulls whose feedback never came, expired after the "
+                               "pending timeout", ["stage"], **r)
         self.handovers = Counter("partition_handovers", "Input partitions this worker took over or handed back "
                                  "(Redis leases)", ["stage", "kind"], **r)
         self.rebases = Counter("fence_rebases", "Times a partition's offset fence was re-based because the broker's "
@@ -133,6 +135,7 @@ class StageMetrics:
         self._broker_up = f.broker_up.labels(stage)
         self._broker_up.set(1)
         self.broker_errors = f.broker_errors.labels(stage)
+        self._expired = f.expired.labels(stage)
         self._batch = f.batch.labels(stage)
 
     def _policy(self, name: str) -> tuple:
@@ -233,6 +236,10 @@ class StageMetrics:
     def broker_down(self, down: bool) -> None:
         """Mark the broker unreachable (True) or back (False)."""
         self._broker_up.set(0 if down else 1)
+
+    def pending_expired(self, n: int) -> None:
+        """``n`` pulls expired for want of feedback (consumers/device.py)."""
+        self._expired.inc(n)
 
     def broker_error(self) -> None:
         """One failed call to the broker (``broker_errors`` is the counter itself)."""

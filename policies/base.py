@@ -283,6 +283,15 @@ class Policy:
         """The key under which this policy's state is kept in its current ``epoch`` (see :func:`epoch_namespace`)."""
         return epoch_namespace(self.base_namespace(), self.epoch)
 
+    def expiry(self, delta: Delta) -> Delta:
+        """What undoing the in-flight part of a sample's ``delta`` adds, should its feedback never come.
+
+        A policy that counts pulls awaiting feedback (SplitEE's ``p<i>``) returns their negation; the device
+        registers it with the offload and applies it once if the pull outlives the pending timeout
+        (:meth:`stream.checkpoint.Checkpointer.expire_pending`). Default: nothing is in flight.
+        """
+        return {}
+
     def drift_delta(self, state: "StateView") -> Delta:
         """The policy's own reaction to a detected shift: what ``on_drift(state)`` returns when the policy
         defines it (e.g. a cut that makes its time buckets before now ignored), else ``{}``.

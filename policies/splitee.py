@@ -519,6 +519,16 @@ class SplitEE(SplitArms, Policy):
         t = (state if state is not None else StateView()).number("t")
         return {"b": int(max(t - 1.0, 0.0) // self.bucket)}   # the bucket of the latest pull (this one's start)
 
+    def expiry(self, delta: Delta) -> Delta:
+        """The pending counts a sample left raised (``p<i>`` > 0 after its start and decision), negated.
+
+        >>> SplitEE(cost=__import__("stream.costs").costs.splitee(), num_layers=3, alpha=0.8).expiry(
+        ...     {"t": 1.0, "p2": 1.0, "n1": 1.0, "p1": 0.0})
+        {'p2': -1.0}
+        """
+        return {k: -float(v) for k, v in delta.items()
+                if k[:1] == "p" and k[1:].isdigit() and not isinstance(v, np.ndarray) and v > 0}
+
     def learn(self, event: Event, state: StateView) -> Delta:
         return self._stamp(self._learn(event, state), event.context, state)
 

@@ -74,7 +74,8 @@ end
 # KEYS: none (all keys derive from the prefix, single-node Redis).
 # ARGV[1]: JSON {prefix, ttl, group, offsets: {"topic:partition": offset}, marks: {"topic:partition": key},
 #                samples: [{id, dedup, part, n_out, updates: [[ns, field, kind, value], ...]}]}
-# An update of kind 'e' starts a new epoch of namespace ``ns`` (EPOCH_LUA), after the batch's deltas.
+# An update of kind 'e' starts a new epoch of namespace ``ns`` (EPOCH_LUA), after the batch's deltas;
+# 'w' registers a pull awaiting feedback ([ns, sample id, 'w', {at, expire}]), 'r' removes it (see EXPIRE_LUA).
 # ARGV[2..]: output blobs, n_out per sample in order.
 # Returns the 0-based positions of the samples that were duplicates (nothing applied for them), or {-1}
 # when ARGV[1] names a member that does not hold the lease of every partition (nothing applied at all).
@@ -131,6 +132,12 @@ for pos, s in ipairs(h.samples) do
         queue_vector(key, u[2], u[4])
       elseif u[3] == 'e' then
         table.insert(epochs, u)
+      elseif u[3] == 'w' then      -- a pull awaiting its feedback: what undoing it would add, and since when
+        redis.call('ZADD', p .. 'pending:' .. u[1], u[4].at, u[2])
+        redis.call('HSET', p .. 'pending_delta:' .. u[1], u[2], cjson.encode(u[4].expire))
+      elseif u[3] == 'r' then      -- its feedback came: no longer awaited
+        redis.call('ZREM', p .. 'pending:' .. u[1], u[2])
+        redis.call('HDEL', p .. 'pending_delta:' .. u[1], u[2])
       else
         redis.call('HSET', key, u[2], u[4])
       end
@@ -156,6 +163,43 @@ for part, off in pairs(h.offsets) do
 end
 return dups
 """
+
+
+# Pulls whose feedback never came (lost with a broker that restarted empty, or a cloud that dropped them)
+# would stay pending for ever and bias the policy. ARGV[1]: JSON {prefix, ttl, ns, cutoff, limit}. Every pull
+# of ``ns`` registered before ``cutoff`` is expired: its undo delta is applied once, and only if the
+# feedback's own dedup key (``seen:feedback:<ns>:<id>``, the device's) can still be claimed, so a feedback
+# arriving later is a duplicate and cannot count twice, and an expiry cannot undo a pull already resolved.
+# Returns {pulls looked at, pulls expired}.
+EXPIRE_LUA = r"""
+local h = cjson.decode(ARGV[1])
+local p = h.prefix
+local zkey = p .. 'pending:' .. h.ns
+local hkey = p .. 'pending_delta:' .. h.ns
+local ids = redis.call('ZRANGEBYSCORE', zkey, '-inf', h.cutoff, 'LIMIT', 0, h.limit)
+local expired = 0
+for _, id in ipairs(ids) do
+  local raw = redis.call('HGET', hkey, id)
+  if raw and redis.call('SET', p .. 'seen:feedback:' .. h.ns .. ':' .. id, '1', 'NX', 'EX', h.ttl) then
+    for f, v in pairs(cjson.decode(raw)) do redis.call('HINCRBYFLOAT', p .. 'state:' .. h.ns, f, v) end
+    expired = expired + 1
+  end
+  redis.call('ZREM', zkey, id)
+  redis.call('HDEL', hkey, id)
+end
+if expired > 0 then redis.call('HINCRBY', p .. 'expired', h.ns, expired) end
+return {#ids, expired}
+"""
+
+
+def awaiting(ns: str, sample_id: str, undo: Mapping[str, float], at: float) -> list:
+    """The update registering a pull of ``ns`` that awaits feedback; ``undo`` is what expiring it adds."""
+    return [ns, sample_id, "w", {"at": float(at), "expire": {k: repr(float(v)) for k, v in undo.items()}}]
+
+
+def resolved(ns: str, sample_id: str) -> list:
+    """The update saying a pull's feedback came (it no longer awaits)."""
+    return [ns, sample_id, "r", ""]
 
 
 def encode_updates(ns: str, delta: Mapping[str, Value]) -> list[list]:
@@ -207,6 +251,7 @@ class Checkpointer:
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
         self._commit = redis.register_script(COMMIT_LUA)
+        self._expire = redis.register_script(EXPIRE_LUA)
 
     def commit(self, samples: Sequence[SampleCommit], offsets: Mapping[str, int],
                marks: Mapping[str, str] | None = None, member: str = "") -> set[int]:
@@ -226,6 +271,24 @@ class Checkpointer:
         if -1 in dups:
             raise LeaseLost(f"member {member} no longer holds the lease of {sorted(offsets)}; nothing applied")
         return dups
+
+    def expire_pending(self, older_than_s: float, now: float, limit: int = 1000) -> dict[str, int]:
+        """Expire the pulls of every namespace that have awaited feedback for over ``older_than_s``
+        (:data:`EXPIRE_LUA`); returns how many were expired, by namespace (those with any)."""
+        out = {}
+        start = len(self.prefix + "pending:")
+        for key in self.redis.scan_iter(match=self.prefix + "pending:*", count=100):
+            ns = key.decode()[start:]
+            header = {"prefix": self.prefix, "ttl": self.ttl_s, "ns": ns, "cutoff": repr(now - older_than_s),
+                      "limit": int(limit)}
+            _, expired = self._expire(keys=[], args=[json.dumps(header)])
+            if expired:
+                out[ns] = int(expired)
+        return out
+
+    def expired(self) -> dict[str, int]:
+        """Pulls expired so far, by namespace."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.prefix + "expired").items()}
 
     def applied_offsets(self) -> dict[str, int]:
         raw = self.redis.hgetall(self.prefix + "offsets:" + self.group)

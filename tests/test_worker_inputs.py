@@ -157,3 +157,45 @@ def test_device_worker_sends_bad_feedback_to_the_dlq_and_applies_the_good(broker
     state = Checkpointer(client, "x").state(ns)
     assert sum(v for k, v in state.items() if k.startswith("p") and k[1:].isdigit()) == 0, state
     assert sum(v for k, v in state.items() if k.startswith("n") and k[1:].isdigit()) == 6, state
+
+
+def test_device_expires_pulls_whose_feedback_never_came(broker, redis_server, topic_prefix, tiny_model, offloaded,
+                                                        monkeypatch):
+    """Six offloads whose cloud never ran: past the pending timeout the device undoes their pending counts
+    once; when their feedback does arrive afterwards, it is dead-lettered as a duplicate, not learned."""
+    import consumers.device as device_mod
+    from consumers.device import DeviceWorker
+    from consumers.remote import RemoteWorker
+    from policies.control import ActiveSpec, PolicyControl
+    from producers.replay import iter_samples, single
+    from stream.checkpoint import Checkpointer
+    topics, offloads = offloaded
+    client = redis_server.client()
+    (ns,) = PolicyControl(client).namespaces()
+    checkpoint = Checkpointer(client, "x")
+
+    def pending():
+        return sum(v for k, v in checkpoint.state(ns).items() if k[:1] == "p" and k[1:].isdigit())
+
+    assert pending() == len(offloads) == client.zcard(f"exitflow:pending:{ns}")
+    monkeypatch.setattr(device_mod, "SWEEP_EVERY_S", 0.0)
+    extra = [s for s, _ in iter_samples(single("sst2", "dev", 7, shuffle=True, seed=1))][-1]
+    import time
+    extra["ts"] = time.time()
+    _send(broker, topics.samples, [(extra["id"], messages.encode("sample", extra))])
+    spec = ActiveSpec("splitee", {"alpha": "1.0", "alpha_rule": "fixed", "probe": "0"}, "splitee")
+    DeviceWorker(_config(broker, redis_server, topic_prefix), tiny_model, spec, max_len=MAX_LEN,
+                 pending_timeout_s=0.5).run()
+    assert checkpoint.expired() == {ns: len(offloads)}
+    assert pending() == 1, "only the new sample's pull awaits feedback"
+    learned = sum(v for k, v in checkpoint.state(ns).items() if k[:1] == "n" and k[1:].isdigit())
+
+    RemoteWorker(_config(broker, redis_server, topic_prefix), tiny_model, "cloud", max_len=MAX_LEN).run()
+    DeviceWorker(_config(broker, redis_server, topic_prefix), tiny_model, spec, max_len=MAX_LEN,
+                 pending_timeout_s=0.0).run()
+    state = checkpoint.state(ns)
+    assert pending() == 0
+    assert sum(v for k, v in state.items() if k[:1] == "n" and k[1:].isdigit()) == learned + 1, \
+        (learned, state, "only the feedback of the pull that had not expired was learned")
+    reasons = [d["reason"] for d in _read(broker, topics.dlq, "dlq") if d["topic"] == topics.feedback]
+    assert len(reasons) == len(offloads) and all("duplicate" in r for r in reasons), reasons
