@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: a small random model)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pending-timeout", type=float, default=20.0,
+    ap.add_argument("--pending-timeout", type=float, default=10.0,
                     help="the device's pending timeout (s): pulls whose feedback was lost expire after it")
     ap.add_argument("--chaos", action="store_true", help="also Redis kill -9 and one empty broker restart")
     ap.add_argument("--out", type=Path, default=None, help="JSON report (default artifacts/bench_soak[_chaos].json)")
@@ -176,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         for records in reader.poll(timeout_ms=2000, max_records=50000).values():
             for r in records:
                 seen[messages.decode("result", r.value)["id"]] += 1
+        if args.chaos:      # pulls whose feedback the broker lost expire after the pending timeout
+            from policies.control import PolicyControl as _Control
+            from stream.checkpoint import Checkpointer as _Checkpointer
+            client, until = redis.client(), time.monotonic() + args.pending_timeout + 45
+            while time.monotonic() < until:
+                left = sum(v for ns in _Control(client).namespaces()
+                           for k, v in _Checkpointer(client, "x").state(ns).items() if k[:1] == "p" and k[1:].isdigit())
+                if not left:
+                    break
+                time.sleep(1.0)
         lost_with_broker = 0
         if tail_replayed:   # replayed samples applied before the restart: dead-lettered as duplicates, no result
             from producers.replay import iter_samples

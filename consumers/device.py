@@ -152,6 +152,9 @@ class DeviceWorker(StageWorker):
             commits += self._learn_feedback(feedback)
         return commits
 
+    def idle(self) -> None:
+        self._sweep()           # a stream that stopped still gets its lost pulls expired
+
     def _sweep(self) -> None:
         """Expire the pulls that have awaited feedback past the pending timeout (at most every 30 s)."""
         if not self.pending_timeout_s or time.monotonic() - self._swept_at < SWEEP_EVERY_S:

@@ -219,6 +219,7 @@ class StageWorker:
                     self._polling_since = 0.0
                 records = [r for batch in polled.values() for r in batch if part_key(r) in self._leases.held]
                 if not records:
+                    self._retry(self.idle)
                     if not self._broker_ok():
                         return 3
                     idle = self.config.idle_exit_s
@@ -234,6 +235,9 @@ class StageWorker:
             return 3
         finally:
             self.close()
+
+    def idle(self) -> None:
+        """Called when a poll brought nothing: housekeeping that must not wait for records (override)."""
 
     # -- partition ownership (consumers/leases.py) ------------------------------------------------
     def _partitions(self) -> list[str]:
