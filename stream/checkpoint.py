@@ -281,9 +281,12 @@ class Checkpointer:
             ns = key.decode()[start:]
             header = {"prefix": self.prefix, "ttl": self.ttl_s, "ns": ns, "cutoff": repr(now - older_than_s),
                       "limit": int(limit)}
-            _, expired = self._expire(keys=[], args=[json.dumps(header)])
-            if expired:
-                out[ns] = int(expired)
+            while True:      # in chunks of ``limit`` pulls, so one Lua call never blocks Redis for long
+                looked, expired = self._expire(keys=[], args=[json.dumps(header)])
+                if expired:
+                    out[ns] = out.get(ns, 0) + int(expired)
+                if looked < limit:
+                    break
         return out
 
     def expired(self) -> dict[str, int]:

@@ -55,3 +55,10 @@ def test_an_expiry_never_undoes_a_pull_whose_feedback_already_applied(cp):
     assert cp.expire_pending(1.0, now=200.0) == {}
     assert cp.state(NS)["p2"] == 0.0
     assert cp.redis.zcard(cp.prefix + "pending:" + NS) == 0, "the stale entry is dropped all the same"
+
+
+def test_many_old_pulls_expire_in_one_sweep_chunk_by_chunk(cp):
+    for i in range(25):
+        _decide(cp, f"s{i}", at=100.0)
+    assert cp.expire_pending(10.0, now=200.0, limit=10) == {NS: 25}
+    assert cp.state(NS)["p2"] == 0.0
