@@ -595,42 +595,55 @@ class StageWorker:
             self._publish(missing)
             self._retry(self.checkpoint.clear_outbox, sorted(leftovers))
 
-    def _unpublished(self, blobs: list[bytes], tail: int = 2000) -> list[bytes]:
-        """The outbox entries not found among the last messages of their topics.
+    def _unpublished(self, blobs: list[bytes], tail: int = 2000, horizon_s: float = 300.0) -> list[bytes]:
+        """The outbox entries not found among the last messages of their partitions.
 
         A crash can fall between Kafka's ack and clearing the outbox; those entries are then already
-        on their topic, right at its end (the crash was moments ago), so a bounded look at the tail of
-        each partition tells them apart from the ones never sent.
+        on their partition (the one the producer's murmur2 of the key chose), near its end: the crash was
+        moments ago. Each partition holding entries is read backwards in growing chunks (``tail``, then
+        twice as many, ...) until all of its entries are found, a chunk's records are older than
+        ``horizon_s``, or its start. A fixed window was not enough: a cloud draining its backlog wrote
+        over 2,000 results per partition between a device's crash and its restart (the chaos soak's
+        42 duplicates).
         """
         from kafka import TopicPartition
-        wanted: dict[str, set[tuple[bytes, bytes]]] = defaultdict(set)
+        from kafka.partitioner.default import murmur2
+        reader = K.consumer(self.config.bootstrap)
+        entries: dict[tuple[str, int], set[tuple[bytes, bytes]]] = defaultdict(set)
+        counts: dict[str, int] = {}
+        decoded = []
         for blob in blobs:
             topic, key, value = msgpack.unpackb(blob, raw=False)
-            wanted[topic].add((key.encode(), value))
-        present: set[tuple[str, bytes, bytes]] = set()
-        reader = K.consumer(self.config.bootstrap)
+            if topic not in counts:
+                counts[topic] = len(reader.partitions_for_topic(topic) or ()) or 1
+            part = (murmur2(key.encode()) & 0x7FFFFFFF) % counts[topic]
+            entries[(topic, part)].add((key.encode(), value))
+            decoded.append((topic, part, key.encode(), value))
+        present: set[tuple[str, int, bytes, bytes]] = set()
+        oldest_ms = (time.time() - horizon_s) * 1000.0
         try:
-            for topic, entries in wanted.items():
-                tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
-                if not tps:
-                    continue
-                reader.assign(tps)
-                ends = reader.end_offsets(tps)
-                window = max(tail, 4 * len(entries))
-                for tp in tps:
-                    reader.seek(tp, max(0, ends[tp] - window))
-                deadline = time.monotonic() + 30
-                while any(reader.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-                    for records in reader.poll(timeout_ms=200, max_records=5000).values():
-                        present.update((r.topic, r.key, r.value) for r in records)
+            for (topic, part), want in entries.items():
+                tp = TopicPartition(topic, part)
+                reader.assign([tp])
+                hi, chunk = reader.end_offsets([tp])[tp], max(tail, 4 * len(want))
+                found: set[tuple[bytes, bytes]] = set()
+                while hi > 0 and not want <= found:
+                    lo = max(0, hi - chunk)
+                    reader.seek(tp, lo)
+                    earliest, deadline = None, time.monotonic() + 30
+                    # Tansu's end offset is the last batch's base + 1: reading to it fetches that whole batch
+                    while reader.position(tp) < hi and time.monotonic() < deadline:
+                        for records in reader.poll(timeout_ms=200, max_records=5000).values():
+                            for r in records:
+                                found.add((r.key, r.value))
+                                earliest = r.timestamp if earliest is None else min(earliest, r.timestamp)
+                    if earliest is not None and earliest < oldest_ms:
+                        break
+                    hi, chunk = lo, chunk * 2
+                present.update((topic, part, k, v) for k, v in want & found)
         finally:
             reader.close()
-        out = []
-        for blob in blobs:
-            topic, key, value = msgpack.unpackb(blob, raw=False)
-            if (topic, key.encode(), value) not in present:
-                out.append(blob)
-        return out
+        return [blob for blob, entry in zip(blobs, decoded) if entry not in present]
 
     def close(self) -> None:
         if self._leases is not None:

@@ -456,7 +456,9 @@ def test_crash_at_a_named_point_resumes_exactly(broker, redis_server, topic_pref
         if crash:
             logs = [p.log.read_text() for p in s.procs]
             if point == "after_redis_commit":   # the new owner publishes what the dead one had committed
-                assert "left 8 outputs in the outbox" in logs[-1], logs[-1]
+                assert "left 8 outputs in the outbox" in logs[-1] and "8 were not yet published" in logs[-1]
+            if point == "after_produce":        # ... and finds them all on their partitions when produced
+                assert "left 8 outputs in the outbox" in logs[-1] and "0 were not yet published" in logs[-1]
             if point == "lost_reply":           # the same process goes on, through the lost-reply branch
                 assert proc.poll() is None and len(logs) == 1
                 assert "its reply was lost" in logs[0], logs[0]
