@@ -157,7 +157,6 @@ def unpack_tensor(obj: Any, *, where: str, ndim: int | None = None, last_dim: in
     return array
 
 
-
 def quantize_i8(hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-token int8: ``q = round(x / s)`` with ``s = max|x| / 127`` per row; ``x ≈ q · s``.
 
