@@ -50,6 +50,8 @@ def register_demo(subparsers) -> None:
     p.add_argument("--partitions", type=int, default=2)
     p.add_argument("--device-workers", type=int, default=1, help="device worker processes")
     p.add_argument("--json", type=Path, dest="json_out", help="write the summary as JSON here")
+    p.add_argument("--results", type=Path, dest="results_out",
+                   help="write every result record here, one JSON object per line, in stream order (seq)")
     p.add_argument("--bootstrap", default=None, help="use this Kafka instead of the embedded broker")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
     p.add_argument("--prefix", default=None, help="topic prefix (default: a fresh one per run)")
@@ -263,6 +265,10 @@ def cmd_demo(args) -> int:
         if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+        if args.results_out:
+            args.results_out.parent.mkdir(parents=True, exist_ok=True)
+            ordered = sorted(summary.results.values(), key=lambda r: (r.get("seq") is None, r.get("seq") or 0))
+            args.results_out.write_text("".join(json.dumps(r) + "\n" for r in ordered))
         if args.linger > 0 and monitor is not None:
             print(f"exitflow demo: dashboard stays at {monitor.url} for {args.linger:.0f}s (Ctrl-C to stop)",
                   file=sys.stderr)

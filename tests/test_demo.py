@@ -33,7 +33,7 @@ def test_demo_summary_and_dashboard_agree(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream.cli", "demo", "--model", str(model), "--dataset", "sst2", "--split", "dev",
          "--limit", "150", "--policy", "static-maxprob", "--set", "threshold=0.56", "--set", "max_layer=2",
-         "--json", str(out), "--linger", "120", "--no-progress"],
+         "--json", str(out), "--results", str(tmp_path / "results.jsonl"), "--linger", "120", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -43,6 +43,8 @@ def test_demo_summary_and_dashboard_agree(tmp_path):
         assert summary["processed"] == 150 and summary["duplicates"] == 0 and summary["complete"]
         assert summary["cost_ratio"] > 0 and 0 <= summary["offload_rate"] <= 1
         assert sum(summary["tier_counts"].values()) == 150
+        rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+        assert len({r["id"] for r in rows}) == 150 and [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
         shot = ROOT / "artifacts" / "demo-dashboard.png"
         shot.parent.mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
