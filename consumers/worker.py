@@ -479,8 +479,9 @@ class StageWorker:
 
         A broker that restarted empty has forgotten the idempotent producer (UnknownProducerIdError, or a
         fatal InitProducerId): kafka-python then fails the sends, or leaves them unfinished so that flush
-        only times out. While the broker answers, the producer is replaced and the sends not yet
-        acknowledged are repeated (a repeat is harmless: consumers fence on Redis, not on Kafka);
+        only times out. While the broker answers, the producer is closed and replaced, and the sends not
+        acknowledged that are not on their partitions either (:meth:`_unpublished`: a timed-out send may
+        still have landed, and a second copy on ``results`` would be a duplicate) are sent again;
         OutageError once nothing got through for the outage timeout.
         """
         deadline = time.monotonic() + self.config.broker_timeout_s
@@ -513,7 +514,11 @@ class StageWorker:
             except Exception:  # a producer in a fatal state may refuse to close cleanly
                 log.debug("error closing the old producer", exc_info=True)
             todo = [blob for blob, _ in left]
-            while True:
+            try:
+                todo = self._unpublished(todo)      # the old producer is closed: nothing more of it lands
+            except Exception as exc:                # the broker is not back yet: look again next round
+                log.debug("could not check which sends landed: %s", exc)
+            while True:                             # a working producer before the loop ends, even if all landed
                 time.sleep(min(0.5 * renewals, 3.0))
                 try:
                     self._producer = K.producer(self.config.bootstrap)
