@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from policies.control import ActiveSpec
-    from producers.replay import single
 
     model_dir, params = setup("latency", args.model, args.set, args.policy)
     if model_dir is None:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with LivePipeline(model_dir, spec, batch_size=args.batch_size, max_len=args.max_len,
                       worker_args=tuple(args.worker_arg)) as live:
-        live.run(single("sst2", "dev", 64, True, 1), 64, timeout=300)          # both workers up and warm
+        live.warm()
         capacity = args.capacity
         if capacity is None:
             started = time.time()

@@ -117,12 +117,6 @@ class Collector:
         finally:
             cons.close()
 
-    def wait(self, n: int, timeout: float) -> list[tuple[dict, float]]:
-        deadline = time.monotonic() + timeout
-        while len({r["id"] for r, _ in self.results}) < n and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return list(self.results)
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
@@ -135,7 +129,7 @@ class LivePipeline:
                  logs: Path = Path("artifacts/bench_live_logs"), worker_args: tuple[str, ...] = (),
                  threads: int = 1, cloud_threads: int | None = None, clouds: int = 1) -> None:
         self.model_dir, self.spec, self.batch_size, self.max_len = model_dir, spec, batch_size, max_len
-        self.partitions, self.logs, self.worker_args = partitions, logs, list(worker_args)
+        self.logs, self.worker_args = logs, list(worker_args)
         self.threads, self.cloud_threads, self.clouds = threads, cloud_threads, clouds
         self.partitions = max(partitions, clouds)
         self.procs: list[subprocess.Popen] = []
@@ -167,6 +161,11 @@ class LivePipeline:
                                                stderr=open(self.logs / f"{stage}{len(self.procs)}.log", "wb")))
         self.collector = Collector(self.broker.bootstrap, self.topics.results)
         return self
+
+    def warm(self) -> None:
+        """64 SST-2 dev samples through both workers before any clock starts (model loaded, leases held)."""
+        from producers.replay import single
+        self.run(single("sst2", "dev", 64, True, 1), 64, timeout=300)
 
     def send(self, scenario, limit: int | None = None) -> int:
         from producers.replay import replay

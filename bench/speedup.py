@@ -30,10 +30,9 @@ from bench.live import LivePipeline, setup, stream_slice
 
 def live_run(model_dir: Path, spec, texts_scenario, n: int, batch_size: int, max_len: int, logs: Path,
              threads: int = 1, cloud_threads: int | None = None, clouds: int = 1):
-    from producers.replay import single
     with LivePipeline(model_dir, spec, batch_size=batch_size, max_len=max_len, logs=logs, threads=threads,
                       cloud_threads=cloud_threads, clouds=clouds) as live:
-        live.run(single("sst2", "dev", 64, True, 1), 64, timeout=300)
+        live.warm()
         started = time.time()
         got = live.run(texts_scenario, n)
     fresh = {r["id"]: (r, a) for r, a in got}
