@@ -57,7 +57,7 @@ def embeddings(dataset: str, split: str, max_len: int = 128, model_dir: Path | N
 
 def distances(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """The drift signal: each embedding's distance to its nearest centroid."""
-    from consumers.device import reference_distance
+    from monitoring.drift import reference_distance
     return np.asarray(reference_distance(emb, centroids), dtype=np.float64)
 
 
@@ -131,7 +131,7 @@ def scenario(path: Path, centroids: np.ndarray, settings, max_len: int = 128) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from consumers.device import reference_centroids
+    from monitoring.drift import reference_centroids
     from monitoring.drift import HookSettings
     from stream.config import home
 

@@ -136,7 +136,8 @@ def cmd_worker(args) -> int:
     warm_s = warm_up(model, args.max_len, args.batch_size)     # before the metrics port says "ready"
     metrics = stage_metrics(args.stage, args.metrics_port, args.metrics_host)
     if args.stage == "device":
-        from consumers.device import DeviceWorker, reference_centroids
+        from consumers.device import DeviceWorker
+        from monitoring.drift import reference_centroids
         reference = reference_centroids(args.reference) if args.reference else None
         worker = DeviceWorker(config, model, policy_spec(args, model.hidden_size), max_len=args.max_len,
                               metrics=metrics, reference=reference, hidden_encoding=args.hidden_encoding,

@@ -24,7 +24,7 @@ from stream.errors import ConfigError, MessageError
 from consumers.records import result_record
 from consumers.runner import ModelRunner
 from consumers.worker import StageWorker, WorkerConfig, dlq_envelope, envelope, part_key, reason_kind
-from monitoring.drift import HookDetector, HookSettings
+from monitoring.drift import HookDetector, HookSettings, reference_distance
 from policies.base import Exit, Feedback, Observation, Policy, StateView, split_namespace
 from policies.control import ActiveSpec, PolicyControl
 from policies.engine import feedback_event, new_epoch, run_device
@@ -311,24 +311,6 @@ class DeviceWorker(StageWorker):
                                 dict(spec.get("cost_overrides") or {}))
             self._feedback_policies[key] = active.build(self.model.num_layers, self.model.num_classes)
         return self._feedback_policies[key]
-
-
-def reference_centroids(path) -> np.ndarray:
-    """Per-class centroids of the input embeddings of a labelled matrix (e.g. the SST-2 dev calibration)."""
-    from stream.errors import DataError
-    from stream.matrix import ConfidenceMatrix
-    matrix = ConfidenceMatrix.load(path)
-    if matrix.embeddings is None or matrix.labels is None:
-        raise DataError(f"{path}: a reference matrix needs embeddings and labels")
-    return np.stack([matrix.embeddings[matrix.labels == c].mean(0) for c in np.unique(matrix.labels)])
-
-
-def reference_distance(embeddings: np.ndarray, centroids: np.ndarray | None) -> list[float | None]:
-    """Distance of each input embedding to its nearest reference centroid: the unsupervised drift signal."""
-    if centroids is None:
-        return [None] * len(embeddings)
-    d = np.linalg.norm(embeddings[:, None, :] - centroids[None, :, :], axis=-1).min(1)
-    return [float(x) for x in d]
 
 
 def _decision(obs: Observation) -> dict:

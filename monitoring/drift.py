@@ -354,3 +354,25 @@ class HookDetector:
 
     def update(self, distance: float) -> bool:
         return self.settings.enabled and self._det.update(float(distance))
+
+
+def reference_centroids(path):
+    """Per-class centroids ``[C, H]`` of the input embeddings of a labelled matrix (e.g. the SST-2 dev calibration)."""
+    import numpy as np
+
+    from stream.errors import DataError
+    from stream.matrix import ConfidenceMatrix
+    matrix = ConfidenceMatrix.load(path)
+    if matrix.embeddings is None or matrix.labels is None:
+        raise DataError(f"{path}: a reference matrix needs embeddings and labels")
+    return np.stack([matrix.embeddings[matrix.labels == c].mean(0) for c in np.unique(matrix.labels)])
+
+
+def reference_distance(embeddings, centroids) -> list[float | None]:
+    """Distance of each input embedding to its nearest reference centroid: the unsupervised drift signal."""
+    import numpy as np
+
+    if centroids is None:
+        return [None] * len(embeddings)
+    d = np.linalg.norm(embeddings[:, None, :] - centroids[None, :, :], axis=-1).min(1)
+    return [float(x) for x in d]

@@ -38,6 +38,13 @@ def register(subparsers) -> None:
     ev.add_argument("--batch-size", type=int, default=32, help="samples decided per state snapshot")
     ev.add_argument("--feedback-delay", type=int, default=0,
                     help="batches before an offloaded sample's reward is learned (0: end of its batch)")
+    ev.add_argument("--drift-hook", nargs="?", const="", metavar="KEY=VALUE,...",
+                    help="run the device worker's drift hook too (its detector on each input embedding's distance "
+                    "to the --reference centroids; a detection starts a new epoch of the policy's state); "
+                    "settings as for `exitflow policy drift`, e.g. mode=decay,factor=0.3 (default: the workers')")
+    ev.add_argument("--reference", metavar="R.npz",
+                    help="labelled in-domain matrix whose class centroids the drift hook measures distance to "
+                    "(default: --calibration)")
     ev.add_argument("--limit", type=int, help="use only the first N samples of the matrix")
     ev.add_argument("--json", metavar="OUT", help="write every report (with thinned regret curves) here")
     ev.add_argument("--plot", metavar="DIR", help="write regret.png and offload_sweep.png here")
@@ -201,7 +208,8 @@ def cmd_eval(args) -> int:
     specs = expand_specs(args.policy)
     log = (lambda msg: print(f"exitflow eval: {msg}", file=sys.stderr)) if len(specs) > 1 else None
     kw = dict(shared=shared, calibration=calibration, runs=args.runs, seed=args.seed,
-              batch_size=args.batch_size, feedback_delay=args.feedback_delay, log=log, segments=segments)
+              batch_size=args.batch_size, feedback_delay=args.feedback_delay, log=log, segments=segments,
+              hook=_eval_hook(args))
     reports = compare(specs, matrix, cost=cost, **kw)
     print(table(reports))
     if segments is not None:
@@ -217,6 +225,7 @@ def cmd_eval(args) -> int:
                "in_order": segments is not None, "calibration": args.calibration, "cost_model": cost.name,
                "cost": {k: v for k, v in vars(cost).items()}, "runs": args.runs, "seed": args.seed,
                "batch_size": args.batch_size, "feedback_delay": args.feedback_delay,
+               "drift_hook": None if kw["hook"] is None else kw["hook"].describe(),
                "reports": [{**{k: v for k, v in r.items() if k != "regret_curve"},
                             "regret_curve": thin_curve(r["regret_curve"])} for r in reports],
                "offload_sweep": sweep}
@@ -225,6 +234,22 @@ def cmd_eval(args) -> int:
         path.write_text(json.dumps(out, indent=1, default=str))
         print(f"wrote {path}")
     return 0
+
+
+def _eval_hook(args):
+    """``--drift-hook``: the hook's settings (validated, errors name the key) and the reference centroids."""
+    if args.drift_hook is None:
+        return None
+    from monitoring.drift import HookSettings, reference_centroids
+    from policies.evaluate import DriftHook
+    from policies.registry import parse_sets
+
+    reference = args.reference or args.calibration
+    if not reference:
+        raise ConfigError("eval: --drift-hook needs --reference R.npz (or --calibration): a labelled in-domain "
+                          "matrix whose class centroids the detector measures distance to")
+    raw = parse_sets([kv for kv in args.drift_hook.split(",") if kv.strip()])
+    return DriftHook(HookSettings.from_dict(raw), reference_centroids(reference))
 
 
 def cmd_list(args) -> int:

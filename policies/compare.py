@@ -119,12 +119,13 @@ def label(spec: str) -> str:
 
 def compare(specs: list[str], matrix, *, cost, shared: dict[str, str] | None = None, calibration=None,
             runs: int = 1, seed: int = 0, batch_size: int = 32, feedback_delay: int = 0,
-            log=None, segments: list[tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
+            log=None, segments: list[tuple[str, int, int]] | None = None, hook=None) -> list[dict[str, Any]]:
     """Evaluate several policy specs on ``matrix``; specs that cannot be built in an ``all`` run are skipped.
 
     ``calibration``: the labelled validation matrix, or a :class:`Calibrator` to share its calibrations.
     ``segments``: ``(name, start, end)`` of matrices kept in order (:func:`policies.evaluate.concat_segments`):
     each run reshuffles within segments only, and regret is dynamic (:func:`policies.evaluate.evaluate_ordered`).
+    ``hook``: a :class:`policies.evaluate.DriftHook` run beside every policy (the device worker's drift hook).
     """
     shared = dict(shared or {})
     strict = len(specs) == 1
@@ -151,7 +152,8 @@ def compare(specs: list[str], matrix, *, cost, shared: dict[str, str] | None = N
             if log:
                 log(f"skipping {spec}: {exc}")
             continue
-        kw = dict(runs=runs, seed=seed, batch_size=batch_size, feedback_delay=feedback_delay, reference=reference)
+        kw = dict(runs=runs, seed=seed, batch_size=batch_size, feedback_delay=feedback_delay, reference=reference,
+                  hook=hook)
         report = (evaluate(policy, matrix, **kw) if segments is None
                   else evaluate_ordered(policy, matrix, segments, **kw))
         report["spec"] = label(spec)
@@ -192,15 +194,22 @@ def table(reports: list[dict[str, Any]]) -> str:
 
 def segments_table(reports: list[dict[str, Any]]) -> str:
     """Ordered evaluations, per policy and segment: best fixed and most played arm, regret, regret after the
-    boundary (its first 500 samples, mean ± std over the runs)."""
+    boundary (its first 500 samples, mean ± std over the runs); with the drift hook, the epochs it started in
+    the segment (mean per run) and the median delay of the first one after the boundary."""
+    hooked = any("drift_hook" in r for r in reports)
     head = f"{'policy':<30} {'segment':<16} {'best':>4} {'most':>4} {'regret':>8} {'first 500':>16} {'acc %':>6} {'cost/λ':>7}"
+    head += f" {'epochs':>6} {'delay':>5}" if hooked else ""
     lines = [head, "-" * len(head)]
     for r in reports:
         for s in r.get("segments", []):
             acc = "   n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:6.1f}"
             first = f"{s['regret_first_500']:.2f} ± {s['regret_first_500_std']:.2f}"
-            lines.append(f"{r.get('spec', r['policy']):<30} {s['name'][:16]:<16} {s['best_fixed_arm']:>4} "
-                         f"{s['most_played_arm'] or '-':>4} {s['regret']:8.2f} {first:>16} {acc} {s['cost']:7.2f}")
+            line = (f"{r.get('spec', r['policy']):<30} {s['name'][:16]:<16} {s['best_fixed_arm']:>4} "
+                    f"{s['most_played_arm'] or '-':>4} {s['regret']:8.2f} {first:>16} {acc} {s['cost']:7.2f}")
+            if hooked:
+                delay = "-" if s.get("detection_delay") is None else f"{s['detection_delay']:.0f}"
+                line += f" {s.get('epochs', 0):6.2f} {delay:>5}"
+            lines.append(line)
     return "\n".join(lines)
 
 

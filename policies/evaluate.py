@@ -36,7 +36,7 @@ from stream.costs import TIERS
 from stream.errors import ConfigError
 
 from policies.base import Observation, Policy, StateView
-from policies.engine import feedback_event, learn_feedback, remote_trace, run_device, run_remote
+from policies.engine import feedback_event, learn_feedback, new_epoch, remote_trace, run_device, run_remote
 from policies.state import MemoryStore, flush
 
 CHECKPOINTS = (100, 250, 500, 1000, 2000, 5000, 10000, 20000)
@@ -71,10 +71,26 @@ class StreamResult:
     confidence: np.ndarray
     cost: np.ndarray            # [T, 4] device, edge, offload, fee
     arm: np.ndarray             # context["arm"] (0: the policy has no arms)
+    detections: list[int] = dataclasses.field(default_factory=list)  # stream positions where the hook fired
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftHook:
+    """The device worker's drift hook, offline: the same detector (:class:`monitoring.drift.HookDetector`) on
+    the same signal (each input embedding's distance to the nearest reference class centroid), fed in stream
+    order; a detection starts a new epoch of the policy's state (:func:`policies.engine.new_epoch`, ``reset``
+    / ``decay`` or the policy's own cut) once the detecting batch is committed, as the worker's batch commit
+    does. ``centroids``: :func:`monitoring.drift.reference_centroids` of a labelled in-domain matrix."""
+
+    settings: Any               # monitoring.drift.HookSettings
+    centroids: np.ndarray
+
+    def describe(self) -> str:
+        return self.settings.describe()
 
 
 def stream(policy: Policy, matrix, order: np.ndarray, *, batch_size: int = 32, feedback_delay: int = 0,
-           store: MemoryStore | None = None) -> StreamResult:
+           store: MemoryStore | None = None, hook: DriftHook | None = None) -> StreamResult:
     """Stream ``matrix`` rows in ``order`` through ``policy``; see the module docstring."""
     if batch_size < 1:
         raise ConfigError(f"eval: batch_size must be >= 1, got {batch_size}")
@@ -87,13 +103,15 @@ def stream(policy: Policy, matrix, order: np.ndarray, *, batch_size: int = 32, f
     if hindsight and matrix.labels is None:
         raise ConfigError(f"policy {policy.name!r} reads labels: the matrix has none")
     store = store if store is not None else MemoryStore()
+    policy.epoch = store.epoch(policy.base_namespace())
     ns = policy.namespace()
+    detector, distance = _hook_detector(hook, matrix)
     probs, layers = matrix.probs, matrix.num_layers
     ids = matrix.ids if matrix.ids is not None else [str(i) for i in range(matrix.num_samples)]
     t = len(order)
     res = StreamResult(np.asarray(order), np.zeros(t, np.int8), np.zeros(t, np.int16), np.zeros(t, np.int64),
                        np.zeros(t), np.zeros((t, 4)), np.zeros(t, np.int16))
-    queue: deque[tuple[int, list]] = deque()
+    queue: deque[tuple[int, str, list]] = deque()   # (due batch, namespace that decided, feedback events)
     tier_index = {name: k for k, name in enumerate(TIERS)}
 
     def record(pos: int, tier: str, layer: int, p: np.ndarray, trace, context) -> None:
@@ -124,15 +142,49 @@ def stream(policy: Policy, matrix, order: np.ndarray, *, batch_size: int = 32, f
                 trace = remote_trace(o.trace, rem)
                 record(start + i, o.trace.tier, rem.exit_layer, rem.probs, trace, o.context)
                 events.append(feedback_event(o.observation.sample_id, o.context, trace, rem.feedback()))
-            queue.append((b + feedback_delay, events))
+            queue.append((b + feedback_delay, ns, events))
         while queue and queue[0][0] <= b:
-            learn_feedback(policy, view, queue.popleft()[1])
+            _, decided_in, events = queue.popleft()
+            if decided_in == ns:
+                learn_feedback(policy, view, events)
+            else:   # decided before an epoch began: that epoch learns its reward (as in the device worker)
+                old = StateView(store.snapshot(decided_in))
+                learn_feedback(policy, old, events)
+                flush(store, decided_in, old)
         flush(store, ns, view)
+        found = next((i for i, r in enumerate(rows) if detector.update(distance[r])), None) if detector else None
+        if found is not None:
+            settings = hook.settings
+            info = {"at": ids[rows[found]], "position": start + found, "reason": f"drift:distance/{settings.kind}",
+                    "mode": settings.mode, "factor": settings.factor if settings.mode == "decay" else None}
+            start_epoch = new_epoch(policy, StateView(store.snapshot(ns)), mode=settings.mode,
+                                    factor=settings.factor, key=ids[rows[found]], info=info)
+            if store.start_epoch(start_epoch):
+                policy.epoch = store.epoch(policy.base_namespace())
+                ns = policy.namespace()
+                res.detections.append(start + found)
+            detector.restart()
     while queue:  # feedback still in flight when the stream ended
-        view = StateView(store.snapshot(ns))
-        learn_feedback(policy, view, queue.popleft()[1])
-        flush(store, ns, view)
+        _, decided_in, events = queue.popleft()
+        view = StateView(store.snapshot(decided_in))
+        learn_feedback(policy, view, events)
+        flush(store, decided_in, view)
     return res
+
+
+def _hook_detector(hook: DriftHook | None, matrix):
+    """The hook's detector and every row's drift signal, or ``(None, None)`` without a hook."""
+    if hook is None:
+        return None, None
+    from monitoring.drift import HookDetector, reference_distance
+
+    if matrix.embeddings is None:
+        raise ConfigError("eval: the drift hook watches input embeddings; the matrix has none "
+                          "(export it again with `exitflow export-matrix`)")
+    if matrix.embeddings.shape[1] != hook.centroids.shape[-1]:
+        raise ConfigError(f"eval: the drift hook's reference centroids have dimension {hook.centroids.shape[-1]}, "
+                          f"the matrix's embeddings {matrix.embeddings.shape[1]}: use a reference from the same model")
+    return HookDetector(hook.settings), reference_distance(matrix.embeddings, hook.centroids)
 
 
 def reference_rewards(policy: Policy, matrix, reference: Any = None) -> tuple[np.ndarray, bool]:
@@ -222,7 +274,7 @@ def concat_segments(named: list[tuple[str, Any]]) -> tuple[Any, list[tuple[str, 
 
 def evaluate_ordered(policy: Policy, matrix, segments: list[tuple[str, int, int]], *, runs: int = 1,
                      seed: int = 0, batch_size: int = 32, feedback_delay: int = 0, reference: Any = None,
-                     keep_curve: bool = True) -> dict[str, Any]:
+                     keep_curve: bool = True, hook: DriftHook | None = None) -> dict[str, Any]:
     """Run ``policy`` over segments kept in order, each reshuffled within itself per run (seeded), with one
     state across the boundaries; the report adds dynamic regret and ``segments`` (see :func:`summarize`)."""
     if runs < 1:
@@ -231,19 +283,21 @@ def evaluate_ordered(policy: Policy, matrix, segments: list[tuple[str, int, int]
     results = []
     for _ in range(runs):
         order = np.concatenate([start + rng.permutation(end - start) for _, start, end in segments])
-        results.append(stream(policy, matrix, order, batch_size=batch_size, feedback_delay=feedback_delay))
-    return summarize(policy, matrix, results, reference=reference, keep_curve=keep_curve, segments=segments)
+        results.append(stream(policy, matrix, order, batch_size=batch_size, feedback_delay=feedback_delay, hook=hook))
+    return summarize(policy, matrix, results, reference=reference, keep_curve=keep_curve, segments=segments,
+                     hook=hook)
 
 
 def evaluate(policy: Policy, matrix, *, runs: int = 1, seed: int = 0, batch_size: int = 32,
-             feedback_delay: int = 0, reference: Any = None, keep_curve: bool = True) -> dict[str, Any]:
+             feedback_delay: int = 0, reference: Any = None, keep_curve: bool = True,
+             hook: DriftHook | None = None) -> dict[str, Any]:
     """Run ``policy`` over ``matrix`` ``runs`` times (reshuffled) and summarise; see the module docstring."""
     if runs < 1:
         raise ConfigError(f"eval: runs must be >= 1, got {runs}")
     rng = np.random.default_rng(seed)
     results = [stream(policy, matrix, rng.permutation(matrix.num_samples), batch_size=batch_size,
-                      feedback_delay=feedback_delay) for _ in range(runs)]
-    return summarize(policy, matrix, results, reference=reference, keep_curve=keep_curve)
+                      feedback_delay=feedback_delay, hook=hook) for _ in range(runs)]
+    return summarize(policy, matrix, results, reference=reference, keep_curve=keep_curve, hook=hook)
 
 
 #: Samples after a boundary over which the regret of adapting is reported (``regret_first_500``).
@@ -251,7 +305,8 @@ AFTER_BOUNDARY = 500
 
 
 def summarize(policy: Policy, matrix, results: list[StreamResult], reference: Any = None,
-              keep_curve: bool = True, segments: list[tuple[str, int, int]] | None = None) -> dict[str, Any]:
+              keep_curve: bool = True, segments: list[tuple[str, int, int]] | None = None,
+              hook: DriftHook | None = None) -> dict[str, Any]:
     """The report of ``results``. With ``segments`` (ordered runs) ``regret`` is dynamic: each segment
     against its own best fixed arm in hindsight (same rule as a single matrix), ``static_regret`` against
     the best fixed arm of the whole stream, and ``segments`` lists per segment ``name``, ``start``,
@@ -293,6 +348,9 @@ def summarize(policy: Policy, matrix, results: list[StreamResult], reference: An
     }
     if report["accuracy"] is not None:
         report["accuracy_drop"] = report["final_exit_accuracy"] - report["accuracy"]
+    if hook is not None:
+        report["drift_hook"] = hook.describe()
+        report["epochs_per_run"] = float(np.mean([len(r.detections) for r in results]))
     if segments is not None:
         curves, report["segments"] = _segments(policy, matrix, results, segments, reference, own)
         mean_curve = curves.mean(0)
@@ -326,7 +384,12 @@ def _segments(policy: Policy, matrix, results: list[StreamResult], bounds: list[
         acc = ([float((r.prediction[lo:hi] == matrix.labels[rw]).mean()) for r, rw in zip(results, rows)]
                if matrix.labels is not None else [])
         means = seg["rewards"].mean(0)
+        # the hook's first epoch start inside this segment, in samples after its boundary (per run; None: none)
+        delays = [next((d - lo for d in r.detections if lo <= d < hi), None) for r in results]
         out.append({"name": seg["name"], "start": lo, "samples": hi - lo,
+                    "epochs": float(np.mean([sum(lo <= d < hi for d in r.detections) for r in results])),
+                    "detection_delay": (float(np.median([d for d in delays if d is not None]))
+                                        if any(d is not None for d in delays) else None),
                     "best_fixed_arm": int(np.argmax(means)) + 1,
                     "most_played_arm": played.most_common(1)[0][0] if played else None,
                     "arm_rewards": [round(float(x), 6) for x in means],

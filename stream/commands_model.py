@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-len", type=int, default=128, help="truncate inputs to this many tokens")
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-labels", action="store_true",
+                   help="write no labels: for a dataset whose classes are not the model's (AG News under the SST-2 "
+                   "model, a drift scenario's segment); rewards, regret and the best fixed arm need none")
     p.add_argument("--out", required=True, type=Path, help="the .npz file to write")
     _add_file_columns(p)
     p.set_defaults(func=cmd_export_matrix)
@@ -126,6 +129,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_export_matrix(args) -> int:
+    import dataclasses
+
     from stream import datasets
     from stream.config import default_model_dir
     from stream.model import MultiExitModel
@@ -134,8 +139,11 @@ def cmd_export_matrix(args) -> int:
     _threads(args.threads)
     model = MultiExitModel.load(args.model or default_model_dir())
     ds = datasets.shuffle_limit(_load_dataset(args, args.dataset, args.split), args.shuffle, args.seed, args.limit)
+    if args.no_labels:
+        ds = dataclasses.replace(ds, labels=None, label_names=None)
     if ds.num_classes is not None and ds.labels is not None and ds.num_classes != model.num_classes:
-        raise ConfigError(f"dataset {ds.name} has {ds.num_classes} classes but the model has {model.num_classes}")
+        raise ConfigError(f"dataset {ds.name} has {ds.num_classes} classes but the model has {model.num_classes} "
+                          "(--no-labels writes a label-free matrix: rewards and regret need no labels)")
     matrix = export_matrix(model, ds, args.max_len, args.batch_size)
     matrix.meta.update(shuffle=args.shuffle, seed=args.seed, limit=args.limit)
     matrix.save(args.out)
