@@ -57,8 +57,11 @@ def register(subparsers) -> None:
         "splitee: Table 2 and Figs. 3-7 across SST-2→IMDb, RTE→SciTail, MRPC→QQP. dimee: Table I and Fig. 3, "
         "in-domain 80/10/10 on SST-2, MRPC, QQP, RTE. eenet: accuracy vs budget on SST-2 and AG News against "
         "BranchyNet, MSDNet, PABEE. deex: exits, accuracy and measured time vs p_d on SST-2 and IMDb. "
-        "all: every paper in turn.")
-    rp.add_argument("paper", choices=tuple(REPRODUCERS) + ("all",), help="the paper whose protocol to run")
+        "drift (no paper: issue #12's protocol on SplitEE's costs): plain and drift-aware SplitEE, with and "
+        "without the drift hook, on ordered streams (SST-2 dev → IMDb, IMDb alone, IMDb → AG News, the abrupt "
+        "and recurring scenarios); --datasets picks streams. all: every one in turn.")
+    rp.add_argument("paper", choices=tuple(REPRODUCERS) + ("all",),
+                    help="the paper whose protocol to run (drift: issue #12's ordered streams)")
     rp.add_argument("--datasets", help="comma list of datasets (default: the paper's own; see the description)")
     rp.add_argument("--limit", type=int, help="use the first N shuffled target samples (default: all)")
     rp.add_argument("--runs", type=int, default=20, help="reshuffled runs per policy (the paper: 20)")
@@ -426,7 +429,8 @@ def cmd_calibrate(args) -> int:
 
 #: Paper → the module whose ``main(args, log)`` runs its protocol (``policies/reproduce*.py``).
 REPRODUCERS = {"splitee": "policies.reproduce", "dimee": "policies.reproduce_dimee",
-               "eenet": "policies.reproduce_eenet", "deex": "policies.reproduce_deex"}
+               "eenet": "policies.reproduce_eenet", "deex": "policies.reproduce_deex",
+               "drift": "policies.reproduce_drift"}
 
 
 def cmd_reproduce(args) -> int:

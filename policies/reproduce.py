@@ -17,6 +17,7 @@ source models and exports the matrices (cached under ``$EXITFLOW_HOME``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -197,9 +198,7 @@ def prepare_matrices(targets: list[str], *, limit: int | None = None, seed: int 
 
     from stream import datasets
     from stream.config import default_model_dir, home
-    from stream.matrix import ConfidenceMatrix
-    from stream.model import MultiExitModel
-    from stream.train import export_matrix, prepare_source
+    from stream.train import prepare_source
 
     torch.set_num_threads(threads)
     tag = "" if backbone == "default" and train_limit is None else \
@@ -211,24 +210,45 @@ def prepare_matrices(targets: list[str], *, limit: int | None = None, seed: int 
         path, trained = prepare_source(source, model_dir, backbone=backbone, limit=train_limit)
         if log and trained:
             log(f"trained the {source} model into {path}")
-        model = None
-        pair = []
-        for name, part, lim in ((target, split, limit), (source, datasets.default_split(source), None)):
-            file = home() / "reproduce" / model_dir.name / f"{name}-{part}{'' if lim is None else f'-{lim}'}-s{seed}.npz"
-            if not file.is_file() or (trained and file.stat().st_mtime < (path / "model.safetensors").stat().st_mtime):
-                model = model or MultiExitModel.load(path)
-                ds = datasets.shuffle_limit(datasets.load(name, part), True, seed, lim)
-                if log:
-                    log(f"exporting {name}/{part} ({len(ds)} samples) with the {source} model")
-                matrix = export_matrix(model, ds, max_len)
-                matrix.meta.update(shuffle=True, seed=seed, limit=lim, model=str(path))
-                file.parent.mkdir(parents=True, exist_ok=True)
-                matrix.save(file)
-            matrix = ConfidenceMatrix.load(file)
-            matrix.meta["path"] = str(file)
-            pair.append(matrix)
-        out[target] = (pair[0], pair[1])
+        models: dict[Path, Any] = {}
+        out[target] = tuple(cached_matrix(path, name, part, lim, seed=seed, max_len=max_len, log=log, models=models,
+                                          source=source)
+                            for name, part, lim in ((target, split, limit), (source, datasets.default_split(source), None)))
     return out
+
+
+def cached_matrix(model_path: Path, name: str, part: str, limit: int | None, *, seed: int = 0, max_len: int = 128,
+                  labels: bool = True, log=None, models: dict | None = None, source: str = "") -> Any:
+    """The confidence matrix of ``name``/``part`` (shuffled with ``seed``, first ``limit``) under the model in
+    ``model_path``, exported once into ``$EXITFLOW_HOME/reproduce/<model>/`` and again when the model is newer.
+    ``labels=False``: a label-free matrix (a dataset whose classes are not the model's). ``models`` caches loads."""
+    from stream import datasets
+    from stream.config import home
+    from stream.matrix import ConfidenceMatrix
+    from stream.model import MultiExitModel
+    from stream.train import export_matrix
+
+    stem = f"{name}-{part}{'' if limit is None else f'-{limit}'}-s{seed}{'' if labels else '-nolabels'}"
+    file = home() / "reproduce" / model_path.name / f"{stem}.npz"
+    weights = model_path / "model.safetensors"
+    if not file.is_file() or (weights.is_file() and file.stat().st_mtime < weights.stat().st_mtime):
+        models = {} if models is None else models
+        if model_path not in models:
+            models[model_path] = MultiExitModel.load(model_path)
+        model = models[model_path]
+        ds = datasets.shuffle_limit(datasets.load(name, part), True, seed, limit)
+        if not labels:
+            ds = dataclasses.replace(ds, labels=None, label_names=None)
+        if log:
+            log(f"exporting {name}/{part} ({len(ds)} samples{'' if labels else ', no labels'}) with the "
+                f"{source or model_path.name} model")
+        matrix = export_matrix(model, ds, max_len)
+        matrix.meta.update(shuffle=True, seed=seed, limit=limit, model=str(model_path))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        matrix.save(file)
+    matrix = ConfidenceMatrix.load(file)
+    matrix.meta["path"] = str(file)
+    return matrix
 
 
 def main(args, log) -> int:
