@@ -229,6 +229,7 @@ def cached_matrix(model_path: Path, name: str, part: str, limit: int | None, *, 
     from stream.train import export_matrix
 
     stem = f"{name}-{part}{'' if limit is None else f'-{limit}'}-s{seed}{'' if labels else '-nolabels'}"
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem)   # a file's path as a dataset name
     file = home() / "reproduce" / model_path.name / f"{stem}.npz"
     weights = model_path / "model.safetensors"
     if not file.is_file() or (weights.is_file() and file.stat().st_mtime < weights.stat().st_mtime):

@@ -77,3 +77,39 @@ def test_unknown_stream_and_unlabelled_calibration_are_refused():
         reproduce_drift.run({"sst2": m}, m, streams=["nope"], runs=1)
     with pytest.raises(ConfigError, match="needs labels and embeddings"):
         reproduce_drift.run({"sst2": m}, segment(50, 1, 0, 0.0, labels=False), runs=1)
+
+
+def test_cached_matrix_exports_once_label_free_and_again_for_a_newer_model(tmp_path, monkeypatch):
+    import os
+
+    from stream.model import MultiExitModel
+
+    from policies.reproduce import cached_matrix
+
+    monkeypatch.setenv("EXITFLOW_HOME", str(tmp_path / "home"))
+    model = tmp_path / "tiny"
+    MultiExitModel.from_backbone("random:L=2,H=32,A=2,I=64", 2, seed=0).save(model)
+    (tmp_path / "data" / "ag_news").mkdir(parents=True)   # AG News's own format: 4 topics, no SST-2 classes
+    (tmp_path / "data" / "ag_news" / "test.csv").write_text(
+        "".join(f'"{i % 4 + 1}","Story {i}","Markets moved on day {i}."\n' for i in range(12)))
+    monkeypatch.setenv("EXITFLOW_DATA", str(tmp_path / "data"))
+    name = "ag_news"
+    m = cached_matrix(model, name, "test", 8, labels=False)
+    file = m.meta["path"]
+    assert m.labels is None and m.num_samples == 8 and m.num_layers == 2 and "/home/reproduce/tiny/" in file
+    assert os.path.basename(file) == "ag_news-test-8-s0-nolabels.npz"
+    first = os.stat(file).st_mtime_ns
+    assert cached_matrix(model, name, "test", 8, labels=False).meta["path"] == file and os.stat(file).st_mtime_ns == first
+    os.utime(model / "model.safetensors", ns=(first + 10**9, first + 10**9))   # the model was retrained
+    cached_matrix(model, name, "test", 8, labels=False)
+    assert os.stat(file).st_mtime_ns > first
+
+    # the same through `exitflow export-matrix`: refused with the way out named, then written label-free
+    from stream.cli import main
+
+    argv = ["export-matrix", "--model", str(model), "--dataset", "ag_news", "--limit", "6", "--out", str(tmp_path / "n.npz")]
+    assert main(argv) == 1
+    assert not (tmp_path / "n.npz").exists()
+    assert main(argv + ["--no-labels"]) == 0
+    out = ConfidenceMatrix.load(tmp_path / "n.npz")
+    assert out.labels is None and out.num_samples == 6 and out.meta["label_names"] == ["0", "1"]  # the model's, not the four topics
