@@ -38,16 +38,20 @@ STREAMS = {"sst2-imdb": ("sst2", "imdb"), "imdb": ("imdb",), "imdb-agnews": ("im
 #: (label, policy spec, drift hook on): plain first, every ratio is against it.
 VARIANTS = (("splitee", "splitee", False), ("splitee-drift", "splitee-drift", False),
             ("splitee+hook", "splitee", True), ("splitee-drift+hook", "splitee-drift", True))
+#: Samples after a boundary over which adapting is judged (the issue's "first 500").
+AFTER = 500
 #: Issue #12's done-when targets: boundary regret ratio on SST-2 → IMDb, total regret ratio on IMDb alone.
 TARGETS = {"boundary": ("sst2-imdb", 0.5), "stationary": ("imdb", 1.1)}
 
 
 def run(matrices: dict[str, Any], calibration, *, streams: list[str] | None = None, runs: int = 20, seed: int = 0,
-        hook_settings: dict[str, str] | None = None, log=None) -> dict[str, Any]:
-    """Every stream × variant; ``matrices``: segment name → matrix, ``calibration``: the labelled SST-2 dev
-    matrix (α's calibration and the drift hook's reference centroids)."""
+        hook_settings: dict[str, str] | None = None, readings: tuple[str, ...] = ("depth", "literal"),
+        log=None) -> dict[str, Any]:
+    """Every reading × stream × variant; ``matrices``: segment name → matrix, ``calibration``: the labelled
+    SST-2 dev matrix (α's calibration and the drift hook's reference centroids). ``readings``: ``depth``
+    (o = 5λ·L/12, the issue's settings, its targets) and ``literal`` (o = 5λ as printed for 12 layers)."""
     from monitoring.drift import HookSettings
-    from stream.costs import preset
+    from stream.costs import PAPER_LAYERS, preset
 
     from policies.compare import Calibrator, compare
     from policies.evaluate import DriftHook, concat_segments
@@ -62,40 +66,52 @@ def run(matrices: dict[str, Any], calibration, *, streams: list[str] | None = No
     if unknown:
         raise ConfigError(f"reproduce drift: unknown stream(s) {sorted(unknown)}; expected some of {sorted(STREAMS)}")
     layers = calibration.num_layers
-    cost = preset("splitee", num_layers=layers)
-    cal = Calibrator(calibration)     # α calibrated once, shared by every variant
-    out: dict[str, Any] = {"protocol": {"runs": runs, "seed": seed, "cost": "splitee", "offload": cost.offload_cloud,
-                                        "offload_ratio": cost.offload_ratio(layers), "mu": cost.mu,
+    costs = {"depth": preset("splitee", num_layers=layers), "literal": preset("splitee", num_layers=PAPER_LAYERS)}
+    if not readings or set(readings) - set(costs):
+        raise ConfigError(f"reproduce drift: readings must be some of {sorted(costs)}, got {list(readings)}")
+    cal = Calibrator(calibration)     # α calibrated once per cost, shared by every variant
+    out: dict[str, Any] = {"protocol": {"runs": runs, "seed": seed, "cost": "splitee", "mu": costs["depth"].mu,
+                                        "readings": {k: {"offload": costs[k].offload_cloud,
+                                                         "offload_ratio": costs[k].offload_ratio(layers)}
+                                                     for k in readings},
                                         "drift_hook": hook.describe(), "alpha": "calibrated on sst2 dev, then online"},
-                           "streams": {}, "rows": []}
-    for name in names:
-        parts = STREAMS[name]
-        if len(parts) > 1:
-            matrix, segments = concat_segments([(p, matrices[p]) for p in parts])
-        else:
-            matrix, segments = matrices[parts[0]], [(parts[0], 0, matrices[parts[0]].num_samples)]
-        reports = {}
-        for label, spec, hooked in VARIANTS:
-            if log:
-                log(f"{name}: {label}, {runs} runs")
-            r = compare([spec], matrix, cost=cost, calibration=cal, runs=runs, seed=seed, segments=segments,
-                        hook=hook if hooked else None)[0]
-            r["spec"] = label
-            reports[label] = r
-        out["streams"][name] = {"segments": [s for s, _, _ in segments], "reports": reports}
-        out["rows"].extend(_rows(name, reports))
-    out["targets"] = _targets(out["rows"])
+                           "streams": {k: {} for k in readings}, "rows": []}
+    for reading in readings:
+        for name in names:
+            parts = STREAMS[name]
+            if len(parts) > 1:
+                matrix, segments = concat_segments([(p, matrices[p]) for p in parts])
+            else:
+                matrix, segments = matrices[parts[0]], [(parts[0], 0, matrices[parts[0]].num_samples)]
+            reports = {}
+            for label, spec, hooked in VARIANTS:
+                if log:
+                    log(f"{reading} reading (o = {costs[reading].offload_cloud:g}λ), {name}: {label}, {runs} runs")
+                r = compare([spec], matrix, cost=costs[reading], calibration=cal, runs=runs, seed=seed,
+                            segments=segments, hook=hook if hooked else None)[0]
+                r["spec"] = label
+                reports[label] = r
+            out["streams"][reading][name] = {"segments": [s for s, _, _ in segments], "reports": reports}
+            out["rows"].extend(_rows(reading, name, reports))
+    out["targets"] = _targets(out["rows"], out["streams"].get("depth", {}))
     return out
 
 
-def _rows(stream: str, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per stream, variant and segment, with ratios against plain splitee on the same segment."""
+def _rows(reading: str, stream: str, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per stream, variant and segment, with ratios against plain splitee on the same segment and
+    ``stale_regret_500``: the hindsight bound on what adapting can save there, the regret of playing the
+    previous segment's best split for the segment's first 500 samples (0 where the best split stays)."""
     plain = reports["splitee"]
     rows = []
     for label, r in reports.items():
         for k, s in enumerate(r["segments"]):
             base = plain["segments"][k]
-            rows.append({"stream": stream, "policy": label, "segment": s["name"], "position": k,
+            stale = None
+            if k:
+                means, before = s["arm_rewards"], r["segments"][k - 1]["best_fixed_arm"]
+                stale = min(AFTER, s["samples"]) * (max(means) - means[before - 1])
+            rows.append({"reading": reading, "stream": stream, "policy": label, "segment": s["name"], "position": k,
+                         "start": s["start"], "stale_regret_500": stale,
                          "samples": s["samples"], "best_fixed_arm": s["best_fixed_arm"],
                          "most_played_arm": s["most_played_arm"], "regret": s["regret"],
                          "regret_first_500": s["regret_first_500"], "regret_first_500_std": s["regret_first_500_std"],
@@ -112,13 +128,26 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
-def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Issue #12's two numbers, per drift-aware variant, beside their targets."""
+def _targets(rows: list[dict[str, Any]], depth: dict[str, Any]) -> dict[str, Any]:
+    """Issue #12's two numbers (depth reading), per drift-aware variant, beside their targets and bounds:
+    the stale-split bound of the boundary and plain splitee's own regret over the same 500 positions of a
+    stream without the shift (its exploration at that age: what no forgetting can remove)."""
+    rows = [r for r in rows if r["reading"] == "depth"]
     out = {}
     stream, limit = TARGETS["boundary"]
-    out["boundary"] = {"stream": stream, "target": f"<= {limit}", "ratio_first_500": {
-        r["policy"]: r["ratio_first_500"] for r in rows
-        if r["stream"] == stream and r["position"] == 1 and r["policy"] != "splitee"}}
+    after = [r for r in rows if r["stream"] == stream and r["position"] == 1]
+    out["boundary"] = {"stream": stream, "target": f"<= {limit}",
+                       "ratio_first_500": {r["policy"]: r["ratio_first_500"] for r in after if r["policy"] != "splitee"},
+                       "plain_first_500": next((r["regret_first_500"] for r in after if r["policy"] == "splitee"), None),
+                       "stale_regret_500": after[0]["stale_regret_500"] if after else None,
+                       "plain_same_positions_no_shift": None}
+    alone = depth.get(STREAMS[stream][1], {}).get("reports", {}).get("splitee")
+    if after and alone is not None:
+        lo = after[0]["start"]
+        curve = alone["regret_curve"]
+        hi = min(lo + AFTER, len(curve))
+        if hi > lo:
+            out["boundary"]["plain_same_positions_no_shift"] = curve[hi - 1] - (curve[lo - 1] if lo else 0.0)
     stream, limit = TARGETS["stationary"]
     out["stationary"] = {"stream": stream, "target": f"<= {limit}", "ratio_regret": {
         r["policy"]: r["ratio_stream_regret"] for r in rows
@@ -127,26 +156,33 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    """Per stream, variant and segment: best/most-played split, regret after the boundary and its ratio to
-    plain splitee's, the hook's epochs and delay; then issue #12's two targets."""
+    """Per reading, stream, variant and segment: best/most-played split, regret after the boundary and its
+    ratio to plain splitee's, the stale-split bound, the hook's epochs and delay; then issue #12's targets."""
     head = (f"{'stream':<17} {'policy':<19} {'segment':<9} {'best':>4} {'most':>4} {'first 500':>14} {'ratio':>6} "
-            f"{'regret':>7} {'epochs':>6} {'delay':>5}")
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        ratio = "-" if r["ratio_first_500"] is None or r["policy"] == "splitee" else f"{r['ratio_first_500']:.2f}"
-        delay = "-" if r["detection_delay"] is None else f"{r['detection_delay']:.0f}"
-        lines.append(f"{r['stream']:<17} {r['policy']:<19} {r['segment'][:9]:<9} {r['best_fixed_arm']:>4} "
-                     f"{r['most_played_arm'] or '-':>4} {r['regret_first_500']:7.2f} ± {r['regret_first_500_std']:4.2f} "
-                     f"{ratio:>6} {r['regret']:7.2f} {r['epochs']:6.2f} {delay:>5}")
+            f"{'stale':>6} {'regret':>7} {'epochs':>6} {'delay':>5}")
+    lines = []
+    for reading, info in result["protocol"]["readings"].items():
+        lines += [f"{reading} reading: o = {info['offload']:g}λ (o/(λL) = {info['offload_ratio']:.3f})", head, "-" * len(head)]
+        for r in (r for r in result["rows"] if r["reading"] == reading):
+            ratio = "-" if r["ratio_first_500"] is None or r["policy"] == "splitee" else f"{r['ratio_first_500']:.2f}"
+            delay = "-" if r["detection_delay"] is None else f"{r['detection_delay']:.0f}"
+            stale = "-" if r["stale_regret_500"] is None else f"{r['stale_regret_500']:.2f}"
+            lines.append(f"{r['stream']:<17} {r['policy']:<19} {r['segment'][:9]:<9} {r['best_fixed_arm']:>4} "
+                         f"{r['most_played_arm'] or '-':>4} {r['regret_first_500']:7.2f} ± {r['regret_first_500_std']:4.2f} "
+                         f"{ratio:>6} {stale:>6} {r['regret']:7.2f} {r['epochs']:6.2f} {delay:>5}")
+        lines.append("")
     t = result["targets"]
-    lines.append("")
-    lines.append(f"boundary regret (first 500 after {t['boundary']['stream']}'s boundary) vs plain splitee, target "
-                 f"{t['boundary']['target']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in t["boundary"]["ratio_first_500"].items()))
+    b = t["boundary"]
+    lines.append(f"boundary regret (first 500 after {b['stream']}'s boundary, depth reading) vs plain splitee "
+                 f"({_fmt(b['plain_first_500'])}), target {b['target']}: "
+                 + ", ".join(f"{k} {_fmt(v)}" for k, v in b["ratio_first_500"].items()))
+    lines.append(f"  bounds: stale split {_fmt(b['stale_regret_500'])} (what keeping the old best split loses there); "
+                 f"plain splitee over the same positions without the shift {_fmt(b['plain_same_positions_no_shift'])}")
     lines.append(f"total regret on {t['stationary']['stream']} alone vs plain splitee, target "
                  f"{t['stationary']['target']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in t["stationary"]["ratio_regret"].items()))
     p = result["protocol"]
-    lines.append(f"o = {p['offload']:g}λ (o/(λL) = {p['offload_ratio']:.3f}), μ = {p['mu']}, α {p['alpha']}, "
-                 f"{p['runs']} runs, hook {p['drift_hook']}")
+    lines.append(f"μ = {p['mu']}, α {p['alpha']}, {p['runs']} runs, hook {p['drift_hook']}; stale: 500 × (best − the "
+                 "previous segment's best split) in mean reward")
     return "\n".join(lines)
 
 
@@ -155,17 +191,17 @@ def _fmt(v: float | None) -> str:
 
 
 def write(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """``drift.json`` (curves thinned), ``drift.txt`` and one regret PNG per stream, boundaries marked."""
+    """``drift.json`` (curves thinned), ``drift.txt`` and one regret PNG per reading and stream, boundaries marked."""
     from policies.compare import plot_regret, thin_curve
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = [plot_regret(list(s["reports"].values()), out_dir / f"drift-regret-{name}.png")
-            for name, s in result["streams"].items()]
-    slim = {**result, "streams": {name: {"segments": s["segments"], "reports": {
+    pngs = [plot_regret(list(s["reports"].values()), out_dir / f"drift-regret-{reading}-{name}.png")
+            for reading, streams in result["streams"].items() for name, s in streams.items()]
+    slim = {**result, "streams": {reading: {name: {"segments": s["segments"], "reports": {
         k: {**{f: v for f, v in r.items() if f not in ("regret_curve", "regret_band")},
             "regret_curve": thin_curve(r["regret_curve"])} for k, r in s["reports"].items()}}
-        for name, s in result["streams"].items()}}
+        for name, s in streams.items()} for reading, streams in result["streams"].items()}}
     (out_dir / "drift.json").write_text(json.dumps(slim, indent=1, default=str))
     (out_dir / "drift.txt").write_text(table(result) + "\n")
     return [out_dir / "drift.json", out_dir / "drift.txt"] + pngs

@@ -31,17 +31,23 @@ def segment(n, good, seed, shift, labels=True):
 def result():
     mats = {"sst2": segment(600, 1, 0, 0.0), "imdb": segment(700, 1, 1, 0.2),
             "ag_news": segment(700, 4, 2, 1.5, labels=False)}
-    return reproduce_drift.run(mats, mats["sst2"], streams=["sst2-imdb", "imdb", "imdb-agnews"], runs=2)
+    return reproduce_drift.run(mats, mats["sst2"], streams=["sst2-imdb", "imdb", "imdb-agnews"], runs=2,
+                               readings=("depth",))
 
 
 def test_every_stream_variant_and_segment_has_a_row(result):
     rows = result["rows"]
+    assert {r["reading"] for r in rows} == {"depth"}
     assert {(r["stream"], r["policy"]) for r in rows} == {
         (s, v) for s in ("sst2-imdb", "imdb", "imdb-agnews") for v, _, _ in reproduce_drift.VARIANTS}
     plain = [r for r in rows if r["policy"] == "splitee"]
     assert all(r["ratio_first_500"] == pytest.approx(1.0) for r in plain if r["regret_first_500"] > 0)
     news = [r for r in rows if r["stream"] == "imdb-agnews" and r["segment"] == "ag_news"]
     assert {r["best_fixed_arm"] for r in news} == {4} and all(r["accuracy"] is None for r in news)
+    # the stale-split bound: 500 × (arm 4's mean − arm 1's) on the news segment, none on a first segment
+    means = news[0]["arm_rewards"]
+    assert news[0]["stale_regret_500"] == pytest.approx(500 * (means[3] - means[0]))
+    assert all(r["stale_regret_500"] is None for r in rows if r["position"] == 0)
 
 
 def test_the_hook_fires_at_the_news_boundary_and_helps_there(result):
@@ -60,15 +66,17 @@ def test_targets_name_the_issues_two_numbers(result):
     assert set(t["stationary"]["ratio_regret"]) == set(t["boundary"]["ratio_first_500"])
     text = reproduce_drift.table(result)
     assert "target <= 0.5" in text and "o = 2.5λ (o/(λL) = 0.417)" in text
+    # plain splitee's regret on IMDb alone over the positions that follow the boundary in sst2-imdb
+    assert t["boundary"]["plain_same_positions_no_shift"] is not None and t["boundary"]["stale_regret_500"] == 0
 
 
 def test_write_makes_json_table_and_one_png_per_stream(result, tmp_path):
     paths = reproduce_drift.write(result, tmp_path)
     assert sorted(p.name for p in paths if p.suffix == ".png") == [
-        "drift-regret-imdb-agnews.png", "drift-regret-imdb.png", "drift-regret-sst2-imdb.png"]
+        "drift-regret-depth-imdb-agnews.png", "drift-regret-depth-imdb.png", "drift-regret-depth-sst2-imdb.png"]
     data = json.loads((tmp_path / "drift.json").read_text())
     assert data["targets"] == json.loads(json.dumps(result["targets"]))
-    assert (tmp_path / "drift-regret-imdb.png").stat().st_size > 1000
+    assert (tmp_path / "drift-regret-depth-imdb.png").stat().st_size > 1000
 
 
 def test_unknown_stream_and_unlabelled_calibration_are_refused():
@@ -77,6 +85,8 @@ def test_unknown_stream_and_unlabelled_calibration_are_refused():
         reproduce_drift.run({"sst2": m}, m, streams=["nope"], runs=1)
     with pytest.raises(ConfigError, match="needs labels and embeddings"):
         reproduce_drift.run({"sst2": m}, segment(50, 1, 0, 0.0, labels=False), runs=1)
+    with pytest.raises(ConfigError, match="readings must be some of"):
+        reproduce_drift.run({"sst2": m}, m, streams=["imdb"], runs=1, readings=("upside-down",))
 
 
 def test_cached_matrix_exports_once_label_free_and_again_for_a_newer_model(tmp_path, monkeypatch):
