@@ -125,6 +125,51 @@ class Summary:
         }
 
 
+#: A scenario segment is a run of at least this many consecutive results (by seq) from one source;
+#: shorter runs (a gradual mix) are not segments.
+SEGMENT_MIN = 100
+#: Samples after a boundary within which the most-played split should be the segment's best (issue #12).
+SPLIT_WINDOW = 300
+
+
+def segments(results: list[dict]) -> list[dict]:
+    """Per scenario segment, in stream order: its source, first seq, samples, the most-played split (device
+    layers) in its first ``SPLIT_WINDOW`` samples and after them, and the seq where the policy's state
+    moved to another epoch inside it (the drift hook's reset), from each result's policy namespace.
+
+    >>> rs = [{"seq": i, "source": "a" if i < 150 else "b", "layers": {"device": 1 if i < 200 else 2},
+    ...        "policy": {"ns": "p" if i < 170 else "p@1"}} for i in range(400)]
+    >>> [(s["source"], s["samples"], s["split_first"]["most"], s["split_after"]["most"], s["epoch_at"]) for s in segments(rs)]
+    [('a', 150, 1, None, None), ('b', 250, 2, None, 170)]
+    """
+    ordered = sorted((r for r in results if r.get("seq") is not None), key=lambda r: r["seq"])
+    runs: list[list[dict]] = []
+    for r in ordered:
+        if runs and runs[-1][0]["source"] == r["source"]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    out = []
+    for k, run in enumerate(runs):
+        if len(run) < SEGMENT_MIN:
+            continue
+        first, rest = run[:SPLIT_WINDOW], run[SPLIT_WINDOW:]
+        before = (runs[k - 1][-1] if k else run[0])["policy"]["ns"]   # the state just before the boundary
+        moved = next((r["seq"] for r in run if r["policy"]["ns"] != before), None)
+        out.append({"source": run[0]["source"], "first_seq": run[0]["seq"], "samples": len(run),
+                    "split_first": _most(first), "split_after": _most(rest), "epoch_at": moved})
+    return out
+
+
+def _most(results: list[dict]) -> dict:
+    """The most common device depth of ``results`` and how many had it."""
+    counts = Counter(int(r["layers"]["device"]) for r in results)
+    if not counts:
+        return {"most": None, "count": 0, "of": 0}
+    most, count = counts.most_common(1)[0]
+    return {"most": most, "count": count, "of": len(results)}
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -260,6 +305,7 @@ def cmd_demo(args) -> int:
                        "cost_params": dataclasses.asdict(cost),
                        "complete": len(summary.results) >= expected, "logs": str(logs),
                        "metrics_ports": metrics_ports, "restarts": restarts,
+                       "segments": segments(list(summary.results.values())),
                        "dashboard": monitor.url if monitor else None})
         _print_summary(result)
         if args.json_out:
@@ -369,5 +415,13 @@ def _print_summary(s: dict) -> None:
         ("throughput", f"{s['samples_per_s']:.1f} samples/s over {s['elapsed_s']:.1f}s" if s["samples_per_s"] else "n/a"),
         ("latency", f"p50 {s['latency_ms_p50']:.0f} ms, p99 {s['latency_ms_p99']:.0f} ms" if s["latency_ms_p50"] else "n/a"),
     ]
+    if len(s.get("segments", [])) > 1:   # a scenario: where the policy moved, segment by segment
+        for seg in s["segments"]:
+            first, after = seg["split_first"], seg["split_after"]
+            rows.append((f"segment {seg['source']}"[:24],
+                         f"from seq {seg['first_seq']}, {seg['samples']} samples; most-played split {first['most']} "
+                         f"({first['count']}/{first['of']}) in the first {SPLIT_WINDOW}"
+                         + (f", {after['most']} ({after['count']}/{after['of']}) after" if after["of"] else "")
+                         + (f"; new epoch at seq {seg['epoch_at']}" if seg["epoch_at"] is not None else "")))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
