@@ -40,8 +40,9 @@ class EpochStart:
     It applies only while ``base`` is still at ``from_epoch`` (workers that detect one shift together agree
     on one new epoch) and at most once per ``key`` (the detecting sample's id: a redelivered detection
     batch starts nothing). The new epoch starts empty (``reset``), as ``seed`` when the policy gives one,
-    or as ``factor`` × every additive field of the old epoch (``decay``). The old epoch stays readable
-    under its namespace. ``info`` is what the event records (policy, reason, sample, seq, time...).
+    or as ``factor`` × every additive field of the old epoch (``decay``), less the fields in ``drop``
+    (a policy's own reaction: e.g. SplitEE's online α starts again from its prior). The old epoch stays
+    readable under its namespace. ``info`` is what the event records (policy, reason, sample, seq, time...).
     """
 
     base: str
@@ -52,6 +53,7 @@ class EpochStart:
     seed: Mapping[str, Value] | None = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     add: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    drop: tuple[str, ...] = ()
 
     def payload(self) -> dict[str, Any]:
         """The JSON the Lua side reads (see ``stream.checkpoint.EPOCH_LUA``)."""
@@ -61,6 +63,8 @@ class EpochStart:
             out["seed"] = {k: _encode_value(v) for k, v in self.seed.items()} or _EMPTY
         if self.add:
             out["add"] = {k: repr(float(v)) for k, v in self.add.items()}
+        if self.drop:
+            out["drop"] = {k: 1 for k in self.drop}
         return out
 
     def update(self) -> list:
@@ -131,7 +135,7 @@ class MemoryStore:
         if start.seed is not None:
             self._state[new] = {k: (v.copy() if hasattr(v, "copy") else float(v)) for k, v in start.seed.items()}
         elif start.mode == "decay":
-            self._state[new] = {k: v * start.factor for k, v in old.items()}
+            self._state[new] = {k: v * start.factor for k, v in old.items() if k not in start.drop}
         else:
             self._state[new] = {}
         for k, v in start.add.items():

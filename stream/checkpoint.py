@@ -27,10 +27,10 @@ import numpy as np
 Value = float | np.ndarray
 
 # A new epoch of a policy's state (policies/state.py): defined once, used by the batch commit below and by
-# policies.state.RedisStore.start_epoch. ``e`` = {from, mode, factor, key, seed?, add?, info}. Applies only if the
+# policies.state.RedisStore.start_epoch. ``e`` = {from, mode, factor, key, seed?, add?, drop?, info}. Applies only if the
 # namespace's epoch is still ``from`` (several workers detecting one shift agree on one epoch) and, with a
 # key (the detecting sample id), only once per key. The new epoch's hash starts empty (reset), as ``seed``,
-# or as ``factor`` × every field of the old epoch (decay), plus the numbers of ``add``; the old epoch's hash
+# or as ``factor`` × every field of the old epoch but those in ``drop`` (decay), plus the numbers of ``add``; the old epoch's hash
 # is left as it was.
 EPOCH_LUA = r"""
 local function start_epoch(p, base, e, ttl)
@@ -50,10 +50,13 @@ local function start_epoch(p, base, e, ttl)
   elseif e.mode == 'decay' then
     local flat = redis.call('HGETALL', src)
     local factor = tonumber(e.factor)
+    local drop = type(e.drop) == 'table' and e.drop or {}
     for i = 1, #flat, 2 do
-      local out = {}
-      for x in string.gmatch(flat[i + 1], '[^,]+') do out[#out + 1] = string.format('%.17g', tonumber(x) * factor) end
-      redis.call('HSET', dst, flat[i], table.concat(out, ','))
+      if not drop[flat[i]] then
+        local out = {}
+        for x in string.gmatch(flat[i + 1], '[^,]+') do out[#out + 1] = string.format('%.17g', tonumber(x) * factor) end
+        redis.call('HSET', dst, flat[i], table.concat(out, ','))
+      end
     end
   end
   if type(e.add) == 'table' then

