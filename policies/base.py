@@ -292,6 +292,12 @@ class Policy:
         """
         return {}
 
+    def in_flight_fields(self) -> list[str]:
+        """Fields that count pulls awaiting feedback (SplitEE's ``p<i>``). A new epoch never copies them
+        (decay, or a policy's own reaction): the feedback of a pull is learned by the epoch that decided it,
+        so a copy would stay raised forever. Default: none."""
+        return []
+
     def drift_delta(self, state: "StateView") -> Delta:
         """The policy's own reaction to a detected shift: what ``on_drift(state)`` returns when the policy
         defines it (e.g. a cut that makes its time buckets before now ignored), else ``{}``.

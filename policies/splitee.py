@@ -431,13 +431,18 @@ class SplitEE(SplitArms, Policy):
         """What a drift detector's signal does to this policy: the delta that starts a new epoch now.
 
         With buckets: ``cut@<b> = 1`` for the current bucket b, after which every bucket older than b is
-        ignored (the fields stay, readable; the pending counts and the online α are all-time and kept).
+        ignored (the fields stay, readable). The new epoch copies neither the pending counts (pulls in
+        flight are learned by the epoch that decided them) nor the online α's vectors (:meth:`drift_drop`).
         The cut is a flag (> 0), so applying it twice, from two workers or a redelivered detection, is
-        the same as once; the epoch it begins drops the online α's vectors (:meth:`drift_drop`). Without
+        the same as once. Without
         buckets it returns ``{}``: all-time sums can only be reset or decayed by the store's generic
         new-epoch mechanism (applied once under its own key).
         """
         return {f"cut@{self.bucket_of(state)}": 1.0, "cuts": 1.0} if self.bucketed else {}
+
+    def in_flight_fields(self) -> list[str]:
+        """The pending counts: a pull's feedback goes to the epoch that decided it (see :class:`Policy`)."""
+        return [f"p{arm}" for arm in range(1, self.num_layers + 1)]
 
     def drift_drop(self) -> list[str]:
         """Fields the epoch a cut begins does not copy: the online α's vectors (``am``, ``ao``, ``al`` per arm),

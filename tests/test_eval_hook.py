@@ -128,3 +128,19 @@ def test_exitflow_eval_drift_hook_cli(tmp_path, capsys, shifted):
     assert "drift hook: unknown setting(s) ['colour']" in capsys.readouterr().err
     assert main(argv[:argv.index("--drift-hook")] + ["--drift-hook"]) == 1
     assert "--drift-hook needs --reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,mode", [("splitee-drift", "reset"), ("splitee", "decay")])
+def test_pulls_in_flight_at_a_new_epoch_resolve_where_they_were_decided(shifted, name, mode):
+    """Under a feedback delay, offloads decided before the epoch began are learned by the old epoch: the
+    new one neither copies their pending counts nor receives their feedback, so every count ends at 0."""
+    m, _ = shifted
+    p, store = policy(name), MemoryStore()
+    res = stream(p, m, np.arange(m.num_samples), store=store, feedback_delay=4,
+                 hook=hook(mode=mode, factor="0.5"))
+    assert len(res.detections) == 1
+    for ns in (p.base_namespace(), p.namespace()):
+        state = store.snapshot(ns)
+        assert all(state.get(f"p{i}", 0.0) == pytest.approx(0.0) for i in range(1, LAYERS + 1)), (ns, state)
+    old = store.snapshot(p.base_namespace())
+    assert sum(old.get(f"n{i}", 0.0) + sum(v for k, v in old.items() if k.startswith(f"n{i}@")) for i in range(1, LAYERS + 1)) > 0
