@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from arm_segments import arm_segment
 from stream.cli import main
 from stream.costs import splitee
 from stream.errors import ConfigError
@@ -17,16 +18,7 @@ LAYERS = 4
 
 
 def segment(n, good, seed):
-    """Exits below ``good`` are unsure (C ≈ 0.55, offloaded at α = 0.8), from ``good`` on sure (C ≥ 0.9):
-    the best split is ``good`` unless exiting at 1 is cheaper; ids repeat across segments on purpose."""
-    rng = np.random.default_rng(seed)
-    c = np.full((n, LAYERS), 0.55) + rng.uniform(-0.04, 0.04, (n, LAYERS))
-    c[:, good - 1:] = rng.uniform(0.9, 0.99, (n, LAYERS - good + 1))
-    y = rng.integers(0, 2, n)
-    probs = np.empty((n, LAYERS, 2), np.float32)
-    probs[np.arange(n), :, y] = c
-    probs[np.arange(n), :, 1 - y] = 1 - c
-    return ConfidenceMatrix(probs=probs, labels=y.astype(np.int64), ids=[f"x{i}" for i in range(n)])
+    return arm_segment(n, good, seed, layers=LAYERS)
 
 
 @pytest.fixture(scope="module")

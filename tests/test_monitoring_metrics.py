@@ -121,6 +121,7 @@ def test_own_registry_has_process_metrics():
     assert m.registry.get_sample_value("process_cpu_seconds_total") is not None
 
 
+@needs_promtool
 def test_stage_endpoint_passes_promtool():
     reg = CollectorRegistry()
     m = StageMetrics("device", reg)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from arm_segments import arm_segment
 from stream.errors import ConfigError
 from stream.matrix import ConfidenceMatrix
 
@@ -14,17 +15,7 @@ LAYERS, DIM = 6, 8
 
 
 def segment(n, good, seed, shift, labels=True):
-    """Exits below ``good`` unsure, from ``good`` on sure; embeddings around ``shift``."""
-    rng = np.random.default_rng(seed)
-    c = np.full((n, LAYERS), 0.55) + rng.uniform(-0.04, 0.04, (n, LAYERS))
-    c[:, good - 1:] = rng.uniform(0.92, 0.99, (n, LAYERS - good + 1))
-    y = rng.integers(0, 2, n)
-    probs = np.empty((n, LAYERS, 2), np.float32)
-    probs[np.arange(n), :, y] = c
-    probs[np.arange(n), :, 1 - y] = 1 - c
-    emb = (rng.normal(0, 0.3, (n, DIM)) + shift).astype(np.float32)
-    return ConfidenceMatrix(probs=probs, labels=y.astype(np.int64) if labels else None, embeddings=emb,
-                            ids=[f"x{i}" for i in range(n)])
+    return arm_segment(n, good, seed, layers=LAYERS, shift=shift, dim=DIM, labels=labels)
 
 
 @pytest.fixture(scope="module")
