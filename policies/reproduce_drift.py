@@ -231,6 +231,9 @@ def prepare_matrices(*, seed: int = 0, max_len: int = 128, threads: int = 2, log
 def main(args, log) -> int:
     """``exitflow reproduce drift``: prepare the matrices, run every stream, print the table, write the artifacts."""
     streams = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    unknown = set(streams or ()) - set(STREAMS)
+    if unknown:   # before any model is trained or matrix exported
+        raise ConfigError(f"reproduce drift: unknown stream(s) {sorted(unknown)}; expected some of {sorted(STREAMS)}")
     matrices, calibration = prepare_matrices(seed=args.seed, max_len=args.max_len or 128, threads=args.threads,
                                              log=log)
     if args.limit:

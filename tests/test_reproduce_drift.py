@@ -114,3 +114,20 @@ def test_cached_matrix_exports_once_label_free_and_again_for_a_newer_model(tmp_p
     assert main(argv + ["--no-labels"]) == 0
     out = ConfidenceMatrix.load(tmp_path / "n.npz")
     assert out.labels is None and out.num_samples == 6 and out.meta["label_names"] == ["0", "1"]  # the model's, not the four topics
+
+
+def test_exitflow_reproduce_drift_cli_runs_the_chosen_streams(tmp_path, monkeypatch, capsys):
+    """The command's wiring, with generated matrices in place of the default model's exports."""
+    from stream.cli import main
+
+    mats = {"sst2": segment(300, 1, 0, 0.0), "imdb": segment(300, 1, 1, 0.2),
+            "ag_news": segment(300, 4, 2, 1.5, labels=False)}
+    monkeypatch.setattr(reproduce_drift, "prepare_matrices", lambda **kw: (mats, mats["sst2"]))
+    assert main(["reproduce", "drift", "--datasets", "imdb-agnews", "--runs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "imdb-agnews" in out and "literal reading: o = 5λ" in out and f"wrote {tmp_path / 'drift.json'}" in out
+    data = json.loads((tmp_path / "drift.json").read_text())
+    assert {r["stream"] for r in data["rows"]} == {"imdb-agnews"} and data["settings"]["streams"] == ["imdb-agnews"]
+    monkeypatch.setattr(reproduce_drift, "prepare_matrices", lambda **kw: pytest.fail("prepared before the check"))
+    assert main(["reproduce", "drift", "--datasets", "nope", "--runs", "1", "--out", str(tmp_path)]) == 1
+    assert "unknown stream(s) ['nope']" in capsys.readouterr().err
