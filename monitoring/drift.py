@@ -356,15 +356,17 @@ class HookDetector:
         return self.settings.enabled and self._det.update(float(distance))
 
 
-def reference_centroids(path):
-    """Per-class centroids ``[C, H]`` of the input embeddings of a labelled matrix (e.g. the SST-2 dev calibration)."""
+def reference_centroids(source):
+    """Per-class centroids ``[C, H]`` of the input embeddings of a labelled matrix (e.g. the SST-2 dev
+    calibration): a :class:`~stream.matrix.ConfidenceMatrix` or the path of one."""
     import numpy as np
 
     from stream.errors import DataError
     from stream.matrix import ConfidenceMatrix
-    matrix = ConfidenceMatrix.load(path)
+    matrix = source if isinstance(source, ConfidenceMatrix) else ConfidenceMatrix.load(source)
     if matrix.embeddings is None or matrix.labels is None:
-        raise DataError(f"{path}: a reference matrix needs embeddings and labels")
+        where = matrix.meta.get("path", "the reference matrix") if source is matrix else source
+        raise DataError(f"{where}: a reference matrix needs embeddings and labels")
     return np.stack([matrix.embeddings[matrix.labels == c].mean(0) for c in np.unique(matrix.labels)])
 
 

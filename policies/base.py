@@ -298,6 +298,11 @@ class Policy:
         so a copy would stay raised forever. Default: none."""
         return []
 
+    def drift_drop(self) -> list[str]:
+        """Fields the epoch begun by the policy's own drift reaction (:meth:`drift_delta`) does not copy,
+        beside :meth:`in_flight_fields` (e.g. SplitEE's online α vectors). Default: none."""
+        return []
+
     def drift_delta(self, state: "StateView") -> Delta:
         """The policy's own reaction to a detected shift: what ``on_drift(state)`` returns when the policy
         defines it (e.g. a cut that makes its time buckets before now ignored), else ``{}``.

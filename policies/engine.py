@@ -186,8 +186,8 @@ def new_epoch(policy: Policy, state: StateView, *, mode: str = "reset", factor: 
     """The request that begins the next epoch of ``policy``'s learned state (its current one read as ``state``).
 
     A policy with its own reaction (:meth:`Policy.drift_delta`, e.g. SplitEE's bucket cut) gets a copy of
-    the old epoch plus that delta, less the fields its ``drift_drop()`` names; any other starts empty
-    (``reset``) or at ``factor`` × the old additive fields (``decay``), computed by the store atomically.
+    the old epoch plus that delta, less the fields its :meth:`~policies.base.Policy.drift_drop` names; any
+    other starts empty (``reset``) or at ``factor`` × the old additive fields (``decay``), computed by the store atomically.
     A copy never takes the policy's :meth:`~policies.base.Policy.in_flight_fields`.
     ``key``: the detecting sample's id. Hand it to a
     store's ``start_epoch`` (or, in the device worker, to the batch commit), then read the epoch back.
@@ -210,7 +210,7 @@ def new_epoch(policy: Policy, state: StateView, *, mode: str = "reset", factor: 
     drop = tuple(policy.in_flight_fields())     # pulls in flight resolve in the epoch that decided them
     if own:
         info["mode"] = "on_drift"
-        drop += tuple(getattr(policy, "drift_drop", lambda: ())())
+        drop += tuple(policy.drift_drop())
         return EpochStart(policy.base_namespace(), policy.epoch, "decay", 1.0, key, None, info, add=own, drop=drop)
     return EpochStart(policy.base_namespace(), policy.epoch, mode, factor, key, None, info,
                       drop=drop if mode == "decay" else ())

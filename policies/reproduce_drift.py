@@ -29,6 +29,8 @@ import numpy as np
 
 from stream.errors import ConfigError
 
+from policies.evaluate import AFTER_BOUNDARY
+
 #: Segment name → (dataset, split, limit, labels) of the default model's matrices.
 SEGMENTS = {"sst2": ("sst2", "dev", None, True), "imdb": ("imdb", "test", 2000, True),
             "ag_news": ("ag_news", "test", 2000, False)}
@@ -38,8 +40,6 @@ STREAMS = {"sst2-imdb": ("sst2", "imdb"), "imdb": ("imdb",), "imdb-agnews": ("im
 #: (label, policy spec, drift hook on): plain first, every ratio is against it.
 VARIANTS = (("splitee", "splitee", False), ("splitee-drift", "splitee-drift", False),
             ("splitee+hook", "splitee", True), ("splitee-drift+hook", "splitee-drift", True))
-#: Samples after a boundary over which adapting is judged (the issue's "first 500").
-AFTER = 500
 #: Issue #12's done-when targets: boundary regret ratio on SST-2 → IMDb, total regret ratio on IMDb alone.
 TARGETS = {"boundary": ("sst2-imdb", 0.5), "stationary": ("imdb", 1.1)}
 
@@ -50,7 +50,7 @@ def run(matrices: dict[str, Any], calibration, *, streams: list[str] | None = No
     """Every reading × stream × variant; ``matrices``: segment name → matrix, ``calibration``: the labelled
     SST-2 dev matrix (α's calibration and the drift hook's reference centroids). ``readings``: ``depth``
     (o = 5λ·L/12, the issue's settings, its targets) and ``literal`` (o = 5λ as printed for 12 layers)."""
-    from monitoring.drift import HookSettings
+    from monitoring.drift import HookSettings, reference_centroids
     from stream.costs import PAPER_LAYERS, preset
 
     from policies.compare import Calibrator, compare
@@ -58,13 +58,8 @@ def run(matrices: dict[str, Any], calibration, *, streams: list[str] | None = No
 
     if calibration.embeddings is None or calibration.labels is None:
         raise ConfigError("reproduce drift: the calibration matrix needs labels and embeddings (the hook's centroids)")
-    centroids = np.stack([calibration.embeddings[calibration.labels == c].mean(0)
-                          for c in np.unique(calibration.labels)])
-    hook = DriftHook(HookSettings.from_dict(hook_settings or {}), centroids)
-    names = streams or list(STREAMS)
-    unknown = set(names) - set(STREAMS)
-    if unknown:
-        raise ConfigError(f"reproduce drift: unknown stream(s) {sorted(unknown)}; expected some of {sorted(STREAMS)}")
+    hook = DriftHook(HookSettings.from_dict(hook_settings or {}), reference_centroids(calibration))
+    names = check_streams(streams) or list(STREAMS)
     layers = calibration.num_layers
     costs = {"depth": preset("splitee", num_layers=layers), "literal": preset("splitee", num_layers=PAPER_LAYERS)}
     if not readings or set(readings) - set(costs):
@@ -97,6 +92,14 @@ def run(matrices: dict[str, Any], calibration, *, streams: list[str] | None = No
     return out
 
 
+def check_streams(names: list[str] | None) -> list[str] | None:
+    """``names`` if every one is a known stream; the error lists the known ones."""
+    unknown = set(names or ()) - set(STREAMS)
+    if unknown:
+        raise ConfigError(f"reproduce drift: unknown stream(s) {sorted(unknown)}; expected some of {sorted(STREAMS)}")
+    return names
+
+
 def _rows(reading: str, stream: str, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per stream, variant and segment, with ratios against plain splitee on the same segment and
     ``stale_regret_500``: the hindsight bound on what adapting can save there, the regret of playing the
@@ -109,7 +112,7 @@ def _rows(reading: str, stream: str, reports: dict[str, dict[str, Any]]) -> list
             stale = None
             if k:
                 means, before = s["arm_rewards"], r["segments"][k - 1]["best_fixed_arm"]
-                stale = min(AFTER, s["samples"]) * (max(means) - means[before - 1])
+                stale = min(AFTER_BOUNDARY, s["samples"]) * (max(means) - means[before - 1])
             rows.append({"reading": reading, "stream": stream, "policy": label, "segment": s["name"], "position": k,
                          "start": s["start"], "stale_regret_500": stale,
                          "samples": s["samples"], "best_fixed_arm": s["best_fixed_arm"],
@@ -145,7 +148,7 @@ def _targets(rows: list[dict[str, Any]], depth: dict[str, Any]) -> dict[str, Any
     if after and alone is not None:
         lo = after[0]["start"]
         curve = alone["regret_curve"]
-        hi = min(lo + AFTER, len(curve))
+        hi = min(lo + AFTER_BOUNDARY, len(curve))
         if hi > lo:
             out["boundary"]["plain_same_positions_no_shift"] = curve[hi - 1] - (curve[lo - 1] if lo else 0.0)
     stream, limit = TARGETS["stationary"]
@@ -231,9 +234,7 @@ def prepare_matrices(*, seed: int = 0, max_len: int = 128, threads: int = 2, log
 def main(args, log) -> int:
     """``exitflow reproduce drift``: prepare the matrices, run every stream, print the table, write the artifacts."""
     streams = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
-    unknown = set(streams or ()) - set(STREAMS)
-    if unknown:   # before any model is trained or matrix exported
-        raise ConfigError(f"reproduce drift: unknown stream(s) {sorted(unknown)}; expected some of {sorted(STREAMS)}")
+    check_streams(streams)      # before any model is trained or matrix exported
     matrices, calibration = prepare_matrices(seed=args.seed, max_len=args.max_len or 128, threads=args.threads,
                                              log=log)
     if args.limit:
